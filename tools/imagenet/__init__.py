@@ -1,0 +1,1 @@
+"""Shared pieces of the stage tools: class lists, file helpers, models, data loading."""
