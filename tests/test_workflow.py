@@ -1,0 +1,117 @@
+"""The Snakemake workflow for real: config validation, the missing-archive error, an end-to-end
+`prepare` on the mini dataset, the rerun rules (dry runs), and recovery from a killed stage."""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+MINI_ARGS = ["mini={classes: 4, train_per_class: 14, val_per_class: 4, quirks: true, seed: 0}",
+             "resize={short_side: 72}", "shard={train_shard_size: 16, val_shard_size: 5}",
+             "raw_dir=raw", "work_dir=work", "val_labels=raw/val_labels.csv"]
+
+
+def copy_project(dest):
+    """A private copy of the workflow and tools, so each test has its own .snakemake state and can
+    edit a tool's source without touching the checkout."""
+    for name in ["Snakefile", "config.yaml"]:
+        shutil.copy(ROOT / name, dest / name)
+    for name in ["workflow", "tools"]:
+        shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
+def snakemake(project, *args, config=(), check=True, **kwargs):
+    cmd = [*SNAKEMAKE, "--cores", "2", *args]
+    if config:
+        cmd += ["--config", *config]
+    proc = subprocess.run(cmd, cwd=project, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(project)}, **kwargs)
+    proc.output = proc.stdout + proc.stderr  # snakemake logs errors to either, depending on the terminal
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.output[-8000:]}")
+    return proc
+
+
+def planned_jobs(project, target, config=()):
+    """{rule: count} of the jobs a dry run would execute."""
+    proc = snakemake(project, "-n", target, config=config)
+    out = proc.output
+    if "Nothing to be done" in out:
+        return {}
+    table = out.split("Job stats:", 1)[1].split("Reasons:", 1)[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M)
+            if m.group(1) != "total"}
+
+
+@pytest.fixture
+def project(tmp_path):
+    return copy_project(tmp_path)
+
+
+def test_config_wrong_type_and_unknown_key_fail_the_dry_run_naming_the_key(project):
+    proc = snakemake(project, "-n", "prepare", config=["resize={short_side: big}"], check=False)
+    assert proc.returncode != 0
+    assert "short_side" in proc.output and "not of type 'integer'" in proc.output
+    proc = snakemake(project, "-n", "prepare", config=["shard={shard_count: 3}"], check=False)
+    assert proc.returncode != 0
+    assert "shard_count" in proc.output and "was unexpected" in proc.output
+
+
+def test_missing_archive_fails_before_any_job_naming_file_and_place(project):
+    (project / "raw").mkdir()
+    proc = snakemake(project, "prepare", config=["raw_dir=raw", "work_dir=work"], check=False)
+    assert proc.returncode != 0
+    assert "ILSVRC2012_img_train.tar" in proc.output
+    assert str((project / "raw").resolve()) in proc.output and "raw_dir" in proc.output
+    assert not (project / "work").exists()
+
+
+@pytest.mark.slow
+def test_prepare_end_to_end_then_reruns_only_what_changed(project):
+    snakemake(project, "prepare", config=MINI_ARGS)
+    manifest = json.loads((project / "work/shards/train.json").read_text())
+    val = json.loads((project / "work/shards/val.json").read_text())
+    # 4 classes x 14 train images, one of them planted as "not an image" and rejected.
+    rejected = (project / "work/rejected.tsv").read_text().splitlines()[1:]
+    assert manifest["num_classes"] == 4 and val["num_samples"] == 16
+    assert manifest["num_samples"] == 4 * 14 - len(rejected) and len(rejected) == 1
+
+    assert planned_jobs(project, "prepare", MINI_ARGS) == {}
+    changed_side = MINI_ARGS[:1] + ["resize={short_side: 64}"] + MINI_ARGS[2:]
+    assert planned_jobs(project, "prepare", changed_side) == {"resize": 1, "shard": 1, "prepare": 1}
+    changed_shard = MINI_ARGS[:2] + ["shard={train_shard_size: 16, val_shard_size: 5, seed: 3}"] + MINI_ARGS[3:]
+    assert planned_jobs(project, "prepare", changed_shard) == {"shard": 1, "prepare": 1}
+    time.sleep(1.1)
+    resize_py = project / "tools/resize.py"
+    resize_py.write_text(resize_py.read_text() + "\n# an edit\n")
+    assert planned_jobs(project, "prepare", MINI_ARGS) == {"resize": 1, "shard": 1, "prepare": 1}
+
+
+@pytest.mark.slow
+def test_killed_stage_reruns_to_complete_correct_outputs(project, tmp_path_factory):
+    snakemake(project, "extract", config=MINI_ARGS)
+    proc = subprocess.Popen([*SNAKEMAKE, "--cores", "2", "prepare", "--config", *MINI_ARGS],
+                            cwd=project, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(project)})
+    # Kill the whole process group (snakemake and the tool) as soon as resize has started writing.
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(project.glob("work/.resized*")):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (project / "work/shards/train.json").exists()
+    snakemake(project, "prepare", "--rerun-incomplete", config=MINI_ARGS)
+
+    reference = copy_project(tmp_path_factory.mktemp("reference"))
+    snakemake(reference, "prepare", config=MINI_ARGS)
+    for name in ["train.json", "val.json"]:
+        assert (project / "work/shards" / name).read_bytes() == (reference / "work/shards" / name).read_bytes()

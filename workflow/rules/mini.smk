@@ -1,0 +1,18 @@
+# The built-in mini ImageNet (same archive layout as the real one) for the demo and the tests:
+# only active when mini.classes > 0, and then it provides the raw archives of raw_dir.
+if MINI:
+
+    rule make_mini:
+        input:
+            sources("make_mini"),
+        output:
+            RAW / "ILSVRC2012_img_train.tar",
+            RAW / "ILSVRC2012_img_val.tar",
+            RAW / "val_labels.csv",
+        params:
+            mini=config["mini"],
+            quirks="--quirks" if config["mini"].get("quirks", True) else "",
+        shell:
+            "{PY} -m tools.make_mini --out {RAW} --classes {params.mini[classes]}"
+            " --train-per-class {params.mini[train_per_class]} --val-per-class {params.mini[val_per_class]}"
+            " --seed {params.mini[seed]} {params.quirks}"

@@ -1,0 +1,29 @@
+# Data-parallel training with torchrun: one process per GPU (train.gpus), settings from the `train`
+# section overridden by the model's own section (alexnet, overfeat).
+TRAIN_SOURCES = sources("train", "imagenet.loader", "imagenet.models", "imagenet.schedule",
+                        "imagenet.checkpoint", "imagenet.logging_utils", "imagenet.evaluation")
+
+
+def train_settings(model):
+    return {**config["train"], **config[model]}
+
+
+rule train:
+    input:
+        shards=WORK / "shards",
+        code=TRAIN_SOURCES,
+    output:
+        WORK / "runs/{model}/final.json",
+    wildcard_constraints:
+        model="|".join(MODELS),
+    params:
+        settings=lambda wc: train_settings(wc.model),
+        flags=lambda wc: flag_args(train_settings(wc.model), skip=("gpus",)),
+        run_dir=lambda wc: WORK / "runs" / wc.model,
+    threads: workflow.cores
+    # A rerun means settings, code or data changed: start the run afresh rather than resume stale
+    # checkpoints (resume a preempted run with `python -m tools.train ... --resume`, see README).
+    shell:
+        "rm -rf {params.run_dir} && "
+        "{PY} -m torch.distributed.run --standalone --nproc-per-node {params.settings[gpus]}"
+        " -m tools.train --shards {input.shards} --out {params.run_dir} {params.flags}"
