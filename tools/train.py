@@ -1,0 +1,426 @@
+"""Train an ImageNet classifier from the WebDataset shards, on the CPU, one GPU or many (DDP).
+
+Usage:
+    torchrun --nproc-per-node 8 -m tools.train --shards W/shards --out W/runs/alexnetowtbn \\
+        --arch alexnetowtbn --batch-size 1024 --workers 12 --amp bf16 --channels-last --compile
+    python -m tools.train --shards W/shards --out W/runs/tiny --arch alexnetowtbn --device cpu \\
+        --crop-size 64 --epochs 2 --epoch-size 5
+    torchrun ... -m tools.train ... --resume          # continue from the newest model_NNN.pt
+
+One process per GPU (torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; multi-node through torchrun's
+rendezvous). --batch-size is the GLOBAL batch, split evenly over the ranks; the seed's LRs are for
+a global batch of 128 and are scaled linearly (--lr-scaling). Every epoch ends with a validation
+over all val images (each counted once across ranks), a checkpoint model_NNN.pt, metrics.jsonl,
+train.log / test.log and curves.png in --out; final.json marks a finished run.
+"""
+import argparse
+import math
+import os
+import platform
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from tools.imagenet import checkpoint as ckpt
+from tools.imagenet import fsutil
+from tools.imagenet.loader import (IMAGENET_MEAN, IMAGENET_STD, batches_per_epoch, normalize,
+                                   read_manifest, train_loader, val_loader)
+from tools.imagenet.logging_utils import MetricsLog, format_line, plot_curves, write_epoch_logs
+from tools.imagenet.models import build_model
+from tools.imagenet.schedule import Schedule
+
+INTERRUPTED = 143  # 128 + SIGTERM, what a preempted job reports
+
+
+class Diverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--shards", required=True, type=Path, help="folder with train/val shards and manifests")
+    a("--out", required=True, type=Path, help="run folder: checkpoints, logs, curves, final.json")
+    a("--arch", default="alexnetowtbn", help="alexnet, alexnetowt, alexnetowtbn, overfeat or a "
+      "torchvision classification model name")
+    a("--init", default="default", choices=["default", "kaiming", "xavier"],
+      help="weight initialisation")
+    a("--epochs", type=int, default=55, help="train until this epoch (1-based, inclusive)")
+    a("--batch-size", type=int, default=128, help="GLOBAL batch size, divided over the ranks")
+    a("--epoch-size", type=int, default=None, help="cap on batches per epoch (default: the "
+      "train set once, floor(train images / batch size))")
+    a("--val-batch-size", type=int, default=None, help="val batch per rank (default: the "
+      "per-rank train batch)")
+    a("--workers", type=int, default=4, help="loader processes per rank (0: load in the main "
+      "process, full stack traces)")
+    a("--crop-size", type=int, default=224, help="train and val crop size")
+    a("--resize-size", type=int, default=256, help="short side the shards' images were resized "
+      "to (recorded in checkpoints for prediction)")
+    a("--aug", default="crop", choices=["crop", "rrc"], help="crop: the seed's random crop + "
+      "flip; rrc: RandomResizedCrop + flip")
+    a("--shuffle-buffer", type=int, default=1000, help="samples in each loader's shuffle buffer")
+    a("--normalize", default="manifest", choices=["manifest", "imagenet"],
+      help="mean/std from the train manifest or the usual ImageNet constants")
+    a("--schedule", default="regime", choices=["regime", "step", "cosine"],
+      help="regime: the seed's LR/WD table by epoch; step: --lr times --lr-gamma after each of "
+      "--lr-step-epochs; cosine: --lr with --warmup-epochs linear warm-up")
+    a("--lr", type=float, default=0.01, help="base LR for step/cosine, for a global batch of 128")
+    a("--lr-step-epochs", type=int, nargs="+", default=[30, 60],
+      help="step schedule: multiply the LR by --lr-gamma after these epochs")
+    a("--lr-gamma", type=float, default=0.1, help="step schedule factor")
+    a("--warmup-epochs", type=float, default=0.0, help="cosine schedule warm-up length")
+    a("--weight-decay", type=float, default=5e-4, help="weight decay for step/cosine (the "
+      "regime sets its own)")
+    a("--lr-scaling", default="linear", choices=["linear", "none"],
+      help="linear: multiply LRs by batch-size/128")
+    a("--momentum", type=float, default=0.9, help="SGD momentum")
+    a("--seed", type=int, default=0, help="seeds the weights, shard order, crops and dropout")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if present")
+    a("--parallel", default="ddp", choices=["ddp"], help="data parallel over the ranks")
+    a("--amp", default="none", choices=["bf16", "none"], help="autocast to bfloat16")
+    a("--channels-last", action="store_true", help="NHWC memory format for model and input")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--backend", default="cudnn", choices=["cudnn", "native"],
+      help="cudnn: cuDNN with autotuning; native: cuDNN off (the seed's cunn)")
+    a("--deterministic", action="store_true", help="deterministic algorithms, no autotuning "
+      "(for tests and exact resumes)")
+    a("--log-every", type=int, default=50, help="log line and metrics record every N iterations")
+    a("--keep-checkpoints", type=int, default=0, help="keep only the newest K model_NNN.pt "
+      "(0: keep all)")
+    a("--resume", action="store_true", help="continue from the newest model_NNN.pt in --out "
+      "(starts fresh when there is none)")
+    args = p.parse_args(argv)
+    for name in ("epochs", "batch_size", "crop_size", "log_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def setup_distributed(args):
+    """(rank, world_size, device) from the torchrun environment; init the process group."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no GPU is visible")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1:
+        kw = {"device_id": device} if use_cuda else {}
+        dist.init_process_group("nccl" if use_cuda else "gloo", **kw)
+    return rank, world, device
+
+
+def seed_all(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def configure_backends(args, device):
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+    if device.type == "cuda":
+        torch.backends.cudnn.enabled = args.backend == "cudnn"
+        torch.backends.cudnn.benchmark = args.backend == "cudnn" and not args.deterministic
+
+
+def versions(world, device):
+    import PIL
+    import torchvision
+    import webdataset
+    v = {"python": platform.python_version(), "torch": torch.__version__,
+         "torchvision": torchvision.__version__, "webdataset": webdataset.__version__,
+         "pillow": PIL.__version__, "numpy": np.__version__, "cuda": torch.version.cuda,
+         "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+         "host": platform.node(), "world_size": world, "device": str(device)}
+    return v
+
+
+def all_reduce(t):
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def topk_correct(logits, y):
+    """(# top-1 correct, # top-5 correct) as tensors, without a host sync."""
+    k = min(5, logits.shape[1])
+    hit = logits.topk(k, dim=1).indices.eq(y[:, None])
+    return hit[:, 0].sum(), hit.any(dim=1).sum()
+
+
+def prepare(x, device, mean, std, channels_last):
+    x = normalize(x.to(device, non_blocking=True), mean, std)
+    return x.contiguous(memory_format=torch.channels_last if channels_last
+                        else torch.contiguous_format)
+
+
+def autocast(device, amp_dtype):
+    return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+
+@torch.no_grad()
+def run_validation(model, loader, device, mean, std, amp_dtype=None, channels_last=False):
+    """Loss and top-1/top-5 error (%) over the loader's images; under DDP the sums of all ranks
+    (each image once). `model` must be the plain (not DDP-wrapped) module: ranks may see
+    different numbers of batches."""
+    was_training = model.training
+    model.eval()
+    acc = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top1, top5, count
+    for x, y in loader:
+        x, y = prepare(x, device, mean, std, channels_last), y.to(device, non_blocking=True)
+        with autocast(device, amp_dtype):
+            logits = model(x)
+        top1, top5 = topk_correct(logits, y)
+        loss = F.cross_entropy(logits.float(), y, reduction="sum")
+        acc += torch.stack([loss.double(), top1.double(), top5.double(),
+                            torch.tensor(len(y), dtype=torch.float64, device=device)])
+    model.train(was_training)
+    loss, top1, top5, n = all_reduce(acc).tolist()
+    n_safe = max(n, 1)
+    return {"loss": loss / n_safe, "top1_err": 100 * (1 - top1 / n_safe),
+            "top5_err": 100 * (1 - top5 / n_safe), "count": int(n)}
+
+
+class StopFlag:
+    """Set by SIGTERM; the training loop stops after the current step."""
+
+    def __init__(self):
+        self.set = False
+        self.previous = None
+
+    def __enter__(self):
+        try:
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no preemption handling
+            self.previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.set = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def train_epoch(epoch, model, optimizer, schedule, loader, device, mean, std, args, rank, world,
+                stop, log):
+    """One epoch; returns the epoch's global train numbers or None when interrupted."""
+    amp_dtype = torch.bfloat16 if args.amp == "bf16" else None
+    n = len(loader)
+    lr = schedule.apply(optimizer, epoch)
+    model.train()
+    interval = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top1, top5, count, stop
+    total = torch.zeros(4, dtype=torch.float64)
+    t_epoch = t_interval = time.perf_counter()
+    data_wait, it_start, steps = 0.0, 1, 0
+    bar = tqdm(total=n, desc=f"epoch {epoch}", disable=rank != 0, leave=False, file=sys.stderr)
+    t_data = time.perf_counter()
+    for it, (x, y) in enumerate(loader, 1):
+        data_wait += time.perf_counter() - t_data
+        x, y = prepare(x, device, mean, std, args.channels_last), y.to(device, non_blocking=True)
+        if schedule.per_step:
+            lr = schedule.apply(optimizer, epoch, (it - 1) / n)
+        with autocast(device, amp_dtype):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        steps += 1
+        top1, top5 = topk_correct(logits.detach(), y)
+        interval[:4] += torch.stack([loss.detach().double() * len(y), top1.double(),
+                                     top5.double(), torch.tensor(float(len(y)), device=device)])
+        bar.update()
+        if it % args.log_every == 0 or it == n or stop.set:
+            # One collective per interval: global metrics, and every rank agrees on NaN/stop.
+            interval[4] = float(stop.set)
+            loss_sum, c1, c5, count, stopping = all_reduce(interval).tolist()
+            if not math.isfinite(loss_sum):
+                bar.close()
+                raise Diverged(f"loss is {loss_sum / count} at epoch {epoch}, iteration {it}/{n} "
+                               f"(first seen in iterations {it_start}-{it}); the last good "
+                               f"checkpoint in {args.out} is untouched: lower the LR")
+            total += torch.tensor([loss_sum, c1, c5, count])
+            elapsed = time.perf_counter() - t_interval
+            rec = {"kind": "train", "epoch": epoch, "iteration": it, "iterations": n,
+                   "loss": loss_sum / count, "top1_err": 100 * (1 - c1 / count),
+                   "top5_err": 100 * (1 - c5 / count), "lr": lr,
+                   "images_per_s": count / elapsed, "data_share": min(1.0, data_wait / elapsed)}
+            if rank == 0:
+                log.write(rec)
+                tqdm.write(format_line(epoch, it, n, rec["loss"], rec["top1_err"],
+                                       rec["top5_err"], lr, rec["images_per_s"],
+                                       rec["data_share"]))
+            if stopping:
+                bar.close()
+                return None
+            interval.zero_()
+            t_interval, data_wait, it_start = time.perf_counter(), 0.0, it + 1
+        t_data = time.perf_counter()
+    bar.close()
+    per_rank = torch.zeros(world, dtype=torch.float64, device=device)
+    per_rank[rank] = steps
+    loss_sum, c1, c5, count = total.tolist()
+    return {"train_loss": loss_sum / count, "train_top1_err": 100 * (1 - c1 / count),
+            "train_top5_err": 100 * (1 - c5 / count), "lr": lr,
+            "images_per_s": count / (time.perf_counter() - t_epoch),
+            "epoch_time_s": time.perf_counter() - t_epoch,
+            "steps_per_rank": [int(s) for s in all_reduce(per_rank).tolist()]}
+
+
+def sync_buffers(model):
+    """Give every rank rank 0's BN statistics, so the ranks validate the same (saved) model."""
+    if dist.is_available() and dist.is_initialized():
+        for b in model.buffers():
+            dist.broadcast(b, 0)
+
+
+def checkpoint_dict(model, optimizer, schedule, args, manifest, mean, std, epoch, metrics):
+    return {"model": model.state_dict(), "arch": args.arch,
+            "num_classes": manifest["num_classes"], "classes": manifest["classes"],
+            "mean": list(mean), "std": list(std), "crop_size": args.crop_size,
+            "resize_size": manifest.get("resize_size", args.resize_size), "epoch": epoch,
+            "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
+            "rng": ckpt.rng_state(), "settings": settings_of(args), "metrics": metrics}
+
+
+def settings_of(args):
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
+def train(args, rank, world, device, stop):
+    """The training run; returns the process exit code."""
+    if args.batch_size % world:
+        raise SystemExit(f"error: --batch-size {args.batch_size} does not divide over {world} ranks")
+    manifest = read_manifest(args.shards, "train")
+    read_manifest(args.shards, "val")
+    if args.normalize == "manifest":
+        if "mean" not in manifest or "std" not in manifest:
+            raise SystemExit(f"error: {args.shards / 'train.json'} has no mean/std; rerun the "
+                             f"shard stage or pass --normalize imagenet")
+        mean, std = manifest["mean"], manifest["std"]
+    else:
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    configure_backends(args, device)
+    seed_all(args.seed)  # identical initial weights on every rank
+    raw = build_model(args.arch, manifest["num_classes"], args.init).to(device)
+    if args.channels_last:
+        raw = raw.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(raw.parameters(), lr=args.lr, momentum=args.momentum)
+    schedule = Schedule(args.schedule, lr=args.lr, weight_decay=args.weight_decay,
+                        step_epochs=args.lr_step_epochs, gamma=args.lr_gamma,
+                        warmup_epochs=args.warmup_epochs, epochs=args.epochs,
+                        global_batch=args.batch_size, scaling=args.lr_scaling)
+
+    out, log = args.out, MetricsLog(args.out / "metrics.jsonl")
+    found = ckpt.latest(out)
+    if found is not None and not args.resume:
+        raise SystemExit(f"error: {out} already holds checkpoints ({found.name}); pass --resume "
+                         f"to continue or choose another --out")
+    start = 1
+    if args.resume and found is not None:
+        state = ckpt.load(found)
+        raw.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        start = state["epoch"] + 1
+        if rank == 0:
+            print(f"resuming from {found} (epoch {state['epoch']})", flush=True)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        log.truncate(start - 1)
+        fsutil.write_json_atomic(out / "settings.json", {"settings": settings_of(args),
+                                                         "versions": versions(world, device)})
+
+    fwd = torch.compile(raw) if args.compile else raw
+    model = DDP(fwd, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else fwd
+    amp_dtype = torch.bfloat16 if args.amp == "bf16" else None
+    local_batch = args.batch_size // world
+    val = val_loader(args.shards, args.val_batch_size or local_batch, rank, world, args.workers,
+                     args.crop_size)
+    if rank == 0:
+        n = batches_per_epoch(manifest["num_samples"], args.batch_size, args.epoch_size)
+        print(f"{args.arch}: {world} rank(s) on {device.type}, global batch {args.batch_size}, "
+              f"{n} iterations/epoch, epochs {start}-{args.epochs}", flush=True)
+
+    metrics = None
+    for epoch in range(start, args.epochs + 1):
+        seed_all(args.seed * 100003 + epoch * 1009 + rank)  # dropout etc.: depends on epoch only
+        loader = train_loader(args.shards, args.batch_size, epoch, args.seed, rank, world,
+                              args.workers, args.crop_size, args.aug, args.shuffle_buffer,
+                              args.epoch_size)
+        train_metrics = train_epoch(epoch, model, optimizer, schedule, loader, device, mean, std,
+                                    args, rank, world, stop, log)
+        if train_metrics is None:
+            if rank == 0:
+                print(f"interrupted in epoch {epoch}; resume with --resume (restarts epoch "
+                      f"{epoch})", file=sys.stderr, flush=True)
+            return INTERRUPTED
+        sync_buffers(raw)
+        v = run_validation(fwd, val, device, mean, std, amp_dtype, args.channels_last)
+        counts = torch.zeros(world, dtype=torch.float64, device=device)
+        counts[rank] = val.num_samples
+        metrics = {"kind": "epoch", "epoch": epoch, **train_metrics, "val_loss": v["loss"],
+                   "val_top1_err": v["top1_err"], "val_top5_err": v["top5_err"],
+                   "val_count": v["count"],
+                   "val_count_per_rank": [int(c) for c in all_reduce(counts).tolist()]}
+        if rank == 0:
+            path = ckpt.checkpoint_path(out, epoch)
+            ckpt.save(path, checkpoint_dict(raw, optimizer, schedule, args, manifest, mean, std,
+                                            epoch, metrics))
+            ckpt.prune(out, args.keep_checkpoints)
+            log.write(metrics)
+            write_epoch_logs(out, log.records())
+            plot_curves(out / "curves.png", log.records())
+            print(f"epoch {epoch}: train loss {metrics['train_loss']:.4f} top1-err "
+                  f"{metrics['train_top1_err']:.2f}% | val loss {v['loss']:.4f} top1-err "
+                  f"{v['top1_err']:.2f}% top5-err {v['top5_err']:.2f}% ({v['count']} images) "
+                  f"| {metrics['images_per_s']:,.0f} img/s", flush=True)
+
+    if rank == 0:
+        last = ckpt.latest(out)
+        if metrics is None and last is not None:  # resumed a finished run
+            metrics = ckpt.load(last)["metrics"]
+        fsutil.write_json_atomic(out / "final.json", {**(metrics or {}), "checkpoint": str(last),
+                                                      "curves": str(out / "curves.png")})
+        if metrics:
+            print(f"final val top-1 error {metrics['val_top1_err']:.2f}%, top-5 error "
+                  f"{metrics['val_top5_err']:.2f}% (epoch {metrics['epoch']}); curves: "
+                  f"{out / 'curves.png'}", flush=True)
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup_distributed(args)
+    try:
+        with StopFlag() as stop:
+            return train(args, rank, world, device, stop)
+    except Diverged as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
