@@ -108,25 +108,25 @@ def shape_mask(shape, u, v):
 def draw(rng, spec, height, width):
     """One HxWx3 uint8 sample of a class: striped background, jittered shape, noise."""
     short = min(height, width)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    yy = np.arange(height, dtype=np.float32)[:, None]
+    xx = np.arange(width, dtype=np.float32)[None, :]
     # Background stripes at the class angle, jittered phase/frequency/colour.
     angle = spec["angle"] + rng.uniform(-0.15, 0.15)
     freq = spec["freq"] * rng.uniform(0.85, 1.15) / short
-    proj = xx * np.cos(angle) + yy * np.sin(angle)
-    stripes = (np.sin(2 * np.pi * freq * proj + rng.uniform(0, 2 * np.pi)) > 0).astype(np.float32)
+    proj = xx * np.float32(np.cos(angle) * freq) + yy * np.float32(np.sin(angle) * freq)
+    shade = np.where((proj + np.float32(rng.uniform())) % 1 < 0.5, np.float32(1.0), np.float32(0.6))
     bg = np.clip(spec["bg"] + rng.uniform(-20, 20, 3), 0, 255).astype(np.float32)
-    img = bg * (0.6 + 0.4 * stripes)[..., None]
+    img = shade[..., None] * bg
     # Foreground shape: random centre, radius, rotation and colour jitter.
     cy, cx = rng.uniform(0.35, 0.65) * height, rng.uniform(0.35, 0.65) * width
     radius = rng.uniform(0.25, 0.42) * short
     rot = rng.uniform(-0.3, 0.3)
-    dx, dy = (xx - cx) / radius, (yy - cy) / radius
-    u = dx * np.cos(rot) + dy * np.sin(rot)
-    v = -dx * np.sin(rot) + dy * np.cos(rot)
-    mask = shape_mask(spec["shape"], u, v)
+    dx, dy = (xx - np.float32(cx)) / np.float32(radius), (yy - np.float32(cy)) / np.float32(radius)
+    cos, sin = np.float32(np.cos(rot)), np.float32(np.sin(rot))
+    mask = shape_mask(spec["shape"], dx * cos + dy * sin, dy * cos - dx * sin)
     fg = np.clip(spec["fg"] * rng.uniform(0.8, 1.1) + rng.uniform(-15, 15, 3), 0, 255)
     img[mask] = fg
-    img += rng.normal(0, 8, img.shape).astype(np.float32)
+    img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(8)
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
