@@ -228,3 +228,15 @@ def test_devkit_in_raw_dir_without_scipy(small, tmp_path, capsys, monkeypatch):
     code, err = run_main(capsys, "--raw-dir", raw, "--val-labels", small["labels_csv"], "--out", tmp_path / "o",
                          "--workers", 1)
     assert code == 0, err
+
+
+def test_explicit_devkit_wins_over_csv(small, tmp_path, capsys, monkeypatch):
+    """The workflow passes --val-labels always and --devkit when configured: the devkit is used."""
+    monkeypatch.setitem(os.sys.modules, "scipy", None)
+    monkeypatch.setitem(os.sys.modules, "scipy.io", None)
+    devkit = tmp_path / X.DEVKIT
+    with tarfile.open(devkit, "w:gz"):
+        pass
+    code, err = run_main(capsys, "--raw-dir", small["raw_dir"], "--val-labels", small["labels_csv"],
+                         "--devkit", devkit, "--out", tmp_path / "o", "--workers", 1)
+    assert code == 2 and "needs scipy" in err

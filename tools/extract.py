@@ -9,9 +9,9 @@ reads `<raw-dir>/ILSVRC2012_img_train.tar` (one inner `<wnid>.tar` per class) an
     <out>/val/<wnid>/<file>       placed by the val labels
     <out>/extract.json            counts per split and the class list
 
-Val labels come from --val-labels (a `filename,wnid` CSV), else from the official devkit
-(--devkit, or `ILSVRC2012_devkit_t12.tar.gz` found in the raw dir; reading it needs scipy), else
-from the CSV bundled in tools/data/.
+Val labels come from the official devkit when --devkit is given (reading it needs scipy), else
+from --val-labels (a `filename,wnid` CSV), else from `ILSVRC2012_devkit_t12.tar.gz` if it sits in
+the raw dir, else from the CSV bundled in tools/data/.
 
 The archives are streamed, never copied: the outer train tar's headers are scanned once, then
 each worker seeks to one class's inner tar and extracts it. Members that would land outside the
@@ -238,9 +238,11 @@ def labels_from_ground_truth(text, id_to_wnid, source="ground truth"):
 
 
 def load_labels(val_labels, devkit, raw_dir):
-    """(labels, description, is_full_list): explicit CSV, else devkit, else the bundled CSV."""
+    """(labels, description, is_full_list): --devkit, else --val-labels, else a devkit in raw_dir, else bundled."""
     if val_labels is not None and devkit is not None:
-        raise ExtractError("pass either --val-labels or --devkit, not both")
+        # The workflow always passes its CSV; a devkit named on top of it is the more specific choice.
+        print(f"note: taking val labels from the devkit {devkit}, not {val_labels}", file=sys.stderr)
+        val_labels = None
     if val_labels is None and devkit is None and (raw_dir / DEVKIT).exists():
         devkit = raw_dir / DEVKIT
     if devkit is not None:
@@ -383,7 +385,7 @@ def main(argv=None) -> int:
                    help="CSV 'filename,wnid' giving each val file's class (default: the devkit if found in "
                         "--raw-dir, else the bundled tools/data/imagenet_val_labels.csv)")
     p.add_argument("--devkit", type=Path, default=None,
-                   help=f"official {DEVKIT} to take val labels from (needs scipy); "
+                   help=f"official {DEVKIT} to take val labels from (needs scipy; wins over --val-labels); "
                         "used automatically when it sits in --raw-dir and --val-labels is not given")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="processes extracting class tars in parallel (1 = all in this process; default: all cores)")
