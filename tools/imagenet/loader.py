@@ -28,6 +28,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
+from tools.imagenet import preprocess
+
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
@@ -155,6 +157,15 @@ def center_crop(img, size):
     return img.crop((x, y, x + size, y + size))
 
 
+def _ten_crops(img, size):
+    # The geometry lives in preprocess, shared with tools.predict.
+    return preprocess.ten_crop(preprocess.to_tensor(img), size)
+
+
+def _batch_ten(crops, labels):
+    return torch.stack(crops), torch.tensor(labels, dtype=torch.int64)
+
+
 def _batch(images, labels):
     # NHWC array viewed as NCHW: channels-last memory, no copy.
     x = torch.from_numpy(np.stack([np.asarray(im, dtype=np.uint8) for im in images]))
@@ -208,11 +219,12 @@ class TrainStream(IterableDataset):
 class ValStream(IterableDataset):
     """Center crops of the val shards, each image once across all ranks and workers."""
 
-    def __init__(self, shards_dir, shards, batch_size, rank, world_size, workers, crop_size):
+    def __init__(self, shards_dir, shards, batch_size, rank, world_size, workers, crop_size,
+                 ten_crop=False):
         super().__init__()
         self.__dict__.update(shards_dir=shards_dir, shards=shards, batch_size=batch_size,
                              rank=rank, world_size=world_size, workers=max(workers, 1),
-                             crop_size=crop_size)
+                             crop_size=crop_size, ten_crop=ten_crop)
 
     def pieces(self, worker):
         return split_streams(self.shards, self.world_size * self.workers)[self.rank * self.workers + worker]
@@ -220,14 +232,15 @@ class ValStream(IterableDataset):
     def __iter__(self):
         worker, _ = _worker()
         images, labels = [], []
+        crop, batch = (_ten_crops, _batch_ten) if self.ten_crop else (center_crop, _batch)
         for path, sample in _read(self.shards_dir, self.pieces(worker)):
-            images.append(center_crop(_open_rgb(path, sample, self.crop_size), self.crop_size))
+            images.append(crop(_open_rgb(path, sample, self.crop_size), self.crop_size))
             labels.append(int(sample["cls"]))
             if len(images) == self.batch_size:
-                yield _batch(images, labels)
+                yield batch(images, labels)
                 images, labels = [], []
         if images:
-            yield _batch(images, labels)
+            yield batch(images, labels)
 
 
 def _worker_init(_):
@@ -291,12 +304,13 @@ def train_loader(shards_dir, global_batch_size, epoch, seed, rank, world_size, w
     return Loader(ds, workers, num_batches=n)
 
 
-def val_loader(shards_dir, batch_size, rank, world_size, workers, crop_size):
+def val_loader(shards_dir, batch_size, rank, world_size, workers, crop_size, ten_crop=False):
     """This rank's share of the val set as (uint8 NCHW center crops, int64) batches; the shares of
-    all ranks cover every val image exactly once (they may differ in size)."""
+    all ranks cover every val image exactly once (they may differ in size). With ten_crop the
+    images are uint8 N x 10 x C x H x W (see tools.imagenet.preprocess.ten_crop)."""
     manifest = read_manifest(shards_dir, "val")
     ds = ValStream(str(shards_dir), _shard_list(manifest), batch_size, rank, world_size, workers,
-                   crop_size)
+                   crop_size, ten_crop)
     count = sum(piece_samples(ds.pieces(w)) for w in range(ds.workers))
     return Loader(ds, workers, num_samples=count)
 
