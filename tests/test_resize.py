@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_tool
+from tests.conftest import run_tool
 from tools.resize import resize_image, target_size
 
 SHORT = 64
