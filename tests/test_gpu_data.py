@@ -1,0 +1,258 @@
+"""tools.imagenet.gpu_data on CPU tensors: crop geometry against torchvision's CPU transforms,
+exact pixels for the seed's crop, flips, normalisation, and the decode fallbacks."""
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import functional as TF
+
+from tools.imagenet import gpu_data as gd
+from tools.imagenet import preprocess
+
+DRAWS = 20_000
+
+
+def _boxes_stats(boxes):
+    """Per-box (crop width, crop height, left, top, log aspect) of float boxes, flips undone."""
+    x1 = torch.minimum(boxes[:, 0], boxes[:, 2])
+    w = (boxes[:, 2] - boxes[:, 0]).abs()
+    h = boxes[:, 3] - boxes[:, 1]
+    return {"w": w, "h": h, "x": x1, "y": boxes[:, 1], "logar": torch.log(w / h)}
+
+
+def _tv_stats(params):
+    p = torch.tensor(params, dtype=torch.float64)  # (i, j, h, w) per draw
+    return {"w": p[:, 3], "h": p[:, 2], "x": p[:, 1], "y": p[:, 0], "logar": torch.log(p[:, 3] / p[:, 2])}
+
+
+def _assert_same_distribution(ours, ref, side):
+    qs = torch.tensor([0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95], dtype=torch.float64)
+    for name in ours:
+        a, b = ours[name], ref[name]
+        tol = 0.06 if name == "logar" else 0.02 * side
+        assert abs(a.mean() - b.mean()) < tol, (name, a.mean(), b.mean())
+        assert abs(a.std() - b.std()) < tol, (name, a.std(), b.std())
+        diff = (torch.quantile(a, qs) - torch.quantile(b, qs)).abs().max()
+        assert diff <= max(tol, 1.0), (name, torch.quantile(a, qs), torch.quantile(b, qs))
+
+
+@pytest.mark.parametrize("hw", [(256, 341), (341, 256), (256, 256)])
+def test_rrc_matches_torchvision_distribution(hw):
+    h, w = hw
+    torch.manual_seed(1)
+    img = Image.new("RGB", (w, h))
+    ref = [T.RandomResizedCrop.get_params(img, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(DRAWS)]
+    sizes = torch.tensor([hw] * DRAWS)
+    ours = gd.rrc_boxes(sizes, 224, torch.Generator().manual_seed(2))
+    _assert_same_distribution(_boxes_stats(ours), _tv_stats(ref), max(hw))
+    # every box inside the image, with positive size
+    assert (ours[:, :2] >= 0).all() and (ours[:, 2] <= w).all() and (ours[:, 3] <= h).all()
+    assert ((ours[:, 2:] - ours[:, :2]) > 0).all()
+
+
+def test_rrc_fallback_matches_torchvision():
+    # a very wide image: most draws do not fit, so torchvision's central fallback shows up often
+    h, w = 60, 600
+    torch.manual_seed(3)
+    img = Image.new("RGB", (w, h))
+    n = 4000
+    ref = _tv_stats([T.RandomResizedCrop.get_params(img, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(n)])
+    ours = _boxes_stats(gd.rrc_boxes(torch.tensor([[h, w]] * n), 32, torch.Generator().manual_seed(4)))
+    fallback_w = round(h * 4 / 3)
+    frac_ref = ((ref["w"] == fallback_w) & (ref["h"] == h)).double().mean()
+    frac_ours = ((ours["w"] == fallback_w) & (ours["h"] == h)).double().mean()
+    assert frac_ref > 0.2
+    assert abs(frac_ref - frac_ours) < 0.04
+    _assert_same_distribution(ours, ref, w)
+
+
+@pytest.mark.parametrize("hw", [(256, 341), (300, 256)])
+def test_seed_crop_matches_torchvision_random_crop(hw):
+    torch.manual_seed(5)
+    img = Image.new("RGB", (hw[1], hw[0]))
+    ref = _tv_stats([T.RandomCrop.get_params(img, (224, 224)) for _ in range(DRAWS)])
+    ours = _boxes_stats(gd.crop_boxes(torch.tensor([hw] * DRAWS), 224, torch.Generator().manual_seed(6)))
+    assert (ours["w"] == 224).all() and (ours["h"] == 224).all()
+    _assert_same_distribution(ours, ref, max(hw))
+    # every position reachable, including both ends
+    assert ours["x"].min() == 0 and ours["x"].max() == hw[1] - 224
+    assert ours["y"].min() == 0 and ours["y"].max() == hw[0] - 224
+
+
+def test_flip_probability_is_half():
+    boxes = gd.crop_boxes(torch.tensor([[256, 341]] * DRAWS), 224, torch.Generator().manual_seed(7))
+    flipped_boxes, flipped = gd.flip_boxes(boxes, torch.Generator().manual_seed(8))
+    assert abs(flipped.double().mean() - 0.5) < 0.015
+    assert (flipped_boxes[flipped, 0] > flipped_boxes[flipped, 2]).all()
+    assert (flipped_boxes[~flipped] == boxes[~flipped]).all()
+
+
+def _images(sizes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in sizes]
+
+
+def test_unscaled_crop_copies_exact_pixels():
+    sizes = [(72, 96), (96, 72), (64, 64), (80, 130), (72, 72)]
+    images = _images(sizes * 4)
+    aug = gd.GpuAugment(64, mode="crop", seed=9)
+    boxes = aug.boxes([im.shape[-2:] for im in images])
+    out = gd.crop_batch(images, boxes, 64)
+    assert out.dtype == torch.uint8 and out.shape == (len(images), 3, 64, 64)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    flips = 0
+    for im, box, o in zip(images, boxes.tolist(), out):
+        x1, y1, x2, _ = box
+        left, top = int(min(x1, x2)), int(y1)
+        assert left == min(x1, x2) and top == y1  # integer positions
+        ref = im[:, top:top + 64, left:left + 64]
+        if x1 > x2:
+            ref, flips = ref.flip(-1), flips + 1
+        assert torch.equal(o, ref)
+    assert 0 < flips < len(images)
+
+
+def test_center_crop_equals_torchvision_and_preprocess():
+    images = _images([(256, 341), (341, 256), (256, 256), (72, 101), (90, 64)], seed=1)
+    crop = 64
+    aug = gd.GpuAugment(crop, mode="center")
+    out = aug(images)
+    for im, o in zip(images, out):
+        assert torch.equal(o, preprocess.center_crop(im, crop))
+    # torchvision rounds (H - crop) / 2 half to even; on the sizes of prepared data it agrees
+    big = _images([(256, 341), (341, 256), (256, 256)], seed=2)
+    out = gd.GpuAugment(224, mode="center")(big)
+    for im, o in zip(big, out):
+        assert torch.equal(o, T.CenterCrop(224)(im))
+
+
+def test_rrc_pixels_close_to_torchvision_resized_crop():
+    # smooth images: the box filter/bilinear of roi_align and torchvision's antialiased resize agree
+    yy, xx = torch.meshgrid(torch.arange(90.0), torch.arange(120.0), indexing="ij")
+    img = torch.stack([xx * 2, yy * 2.5, (xx + yy)]).clamp(0, 255).round().to(torch.uint8)
+    images = [img] * 16
+    aug = gd.GpuAugment(48, mode="rrc", seed=10, flip=False)
+    boxes = aug.boxes([im.shape[-2:] for im in images])
+    out = gd.crop_batch(images, boxes, 48)
+    for box, o in zip(boxes.tolist(), out):
+        x1, y1, x2, y2 = map(int, box)
+        ref = TF.resized_crop(img, y1, x1, y2 - y1, x2 - x1, [48, 48], antialias=True)
+        assert (o.float() - ref.float()).abs().mean() < 2.0
+
+
+def test_normalise_and_dtype():
+    images = _images([(64, 80)] * 3, seed=3)
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    aug = gd.GpuAugment(64, mode="center", mean=mean, std=std, dtype=torch.bfloat16)
+    out = aug(images)
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
+    ref = preprocess.normalize(torch.stack([preprocess.center_crop(im, 64) for im in images]), mean, std)
+    assert torch.allclose(out.float(), ref, atol=0.02)
+
+
+def test_same_seed_same_crops():
+    sizes = torch.tensor([[256, 341]] * 50)
+    a = gd.GpuAugment(224, mode="rrc", seed=11).boxes(sizes)
+    b = gd.GpuAugment(224, mode="rrc", seed=11).boxes(sizes)
+    c = gd.GpuAugment(224, mode="rrc", seed=12).boxes(sizes)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# ------------------------------------------------------------------------------ decode fallbacks
+
+def _encode(kind, w=40, h=30, color=(200, 40, 90)):
+    img = Image.new("RGB", (w, h), color)
+    buf = io.BytesIO()
+    if kind == "jpeg":
+        img.save(buf, "JPEG", quality=95)
+    elif kind == "cmyk":
+        img.convert("CMYK").save(buf, "JPEG", quality=95)
+    elif kind == "gray":
+        img.convert("L").save(buf, "JPEG", quality=95)
+    elif kind == "png":
+        img.save(buf, "PNG")
+    else:
+        return b"<html>This photo is no longer available.</html>"
+    return buf.getvalue()
+
+
+KINDS = ["jpeg", "cmyk", "png", "garbage", "gray"]
+
+
+def _check_decoded(images, failures):
+    assert [im is None for im in images] == [False, False, False, True, False]
+    assert len(failures) == 1 and failures[0][0] == "k3" and "cannot decode" in failures[0][1]
+    for im, kind in zip(images, KINDS):
+        if im is None:
+            continue
+        assert im.shape == (3, 30, 40) and im.dtype == torch.uint8
+        mean = im.float().mean((1, 2))
+        if kind == "gray":
+            assert (mean.max() - mean.min()) < 3
+        else:
+            assert (mean - torch.tensor([200.0, 40.0, 90.0])).abs().max() < 8, (kind, mean)
+
+
+def test_decode_fallbacks_cpu():
+    blobs = [_encode(k) for k in KINDS]
+    _check_decoded(*gd.decode_jpegs(blobs, "cpu", keys=[f"k{i}" for i in range(5)]))
+
+
+def test_decode_batched_decoder_failure_isolates_bad_images():
+    """The GPU code path with a fake batched decoder that, like nvJPEG, fails the whole batch."""
+    calls = []
+
+    def fake_batched(tensors):
+        calls.append(len(tensors))
+        for t in tensors:
+            data = t.numpy().tobytes()
+            if data[:2] != b"\xff\xd8" or Image.open(io.BytesIO(data)).mode == "CMYK":
+                raise RuntimeError("nvjpeg: batch failed")
+        return [gd.decode_jpeg(t, mode=gd.ImageReadMode.RGB) for t in tensors]
+
+    blobs = [_encode(k) for k in KINDS]
+    _check_decoded(*gd.decode_jpegs(blobs, "cpu", keys=[f"k{i}" for i in range(5)], decoder=fake_batched))
+    assert calls[0] == 5 and sum(c == 1 for c in calls) >= 3  # bisected down to the bad ones
+    # a clean batch is one call
+    calls.clear()
+    images, failures = gd.decode_jpegs([_encode("jpeg")] * 8, "cpu", decoder=fake_batched)
+    assert calls == [8] and not failures and all(im is not None for im in images)
+
+
+def test_pipeline_drops_and_reports_bad_images_keeping_labels_aligned():
+    colors = [(250, 10, 10), (10, 250, 10), (10, 10, 250), (0, 0, 0), (128, 128, 128)]
+    blobs = [_encode(k, w=80, h=72, color=c) for k, c in zip(KINDS, colors)]
+    data, offsets = gd.pack_jpegs(blobs)
+    assert [bytes(t.numpy()) for t in gd.unpack_jpegs(data, offsets)] == blobs
+    raw = {"data": data, "offsets": offsets, "labels": torch.arange(5), "keys": [f"k{i}" for i in range(5)]}
+    seen = []
+    pipe = gd.GpuBatchPipeline([raw], gd.GpuAugment(64, mode="center"), device="cpu",
+                               on_failure=lambda k, r: seen.append(k))
+    (x, y), = list(pipe)
+    assert y.tolist() == [0, 1, 2, 4] and x.shape == (4, 3, 64, 64)
+    assert seen == ["k3"] and pipe.failures[0][0] == "k3"
+    dominant = x.float().mean((2, 3)).argmax(1).tolist()
+    assert dominant[:3] == [0, 1, 2]  # red, green, blue images kept with their labels
+
+
+def test_pipeline_hybrid_part_is_normalised_and_appended():
+    mean, std = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+    blobs = [_encode("jpeg", w=80, h=72)] * 3
+    pre = torch.full((2, 3, 64, 64), 191, dtype=torch.uint8)
+    raw = {"jpegs": blobs, "labels": [7, 7, 7], "pre": pre, "pre_labels": [3, 4]}
+    (x, y), = list(gd.GpuBatchPipeline([raw], gd.GpuAugment(64, mean=mean, std=std), device="cpu"))
+    assert y.tolist() == [7, 7, 7, 3, 4] and x.shape == (5, 3, 64, 64)
+    assert torch.allclose(x[3:], torch.full_like(x[3:], (191 / 255 - 0.5) / 0.25))
+
+
+def test_nvimgcodec_backend_absent_or_callable():
+    dec = gd.nvimgcodec_decoder("cuda")
+    try:
+        import nvidia.nvimgcodec  # noqa: F401
+    except ImportError:
+        assert dec is None
+    else:
+        assert callable(dec)
