@@ -1,0 +1,91 @@
+"""tools/train.py under torchrun with gloo on the CPU: 2 ranks on one node, and 2 simulated nodes."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from tests._shards import write_shards
+from tools.imagenet import checkpoint as ckpt
+from tools.imagenet.loader import val_loader
+from tools.imagenet.models import build_model
+from tools.train import run_validation
+
+ROOT = Path(__file__).resolve().parent.parent
+ARCH = "mobilenet_v3_small"
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def _train_args(shards, out, *extra):
+    return ["-m", "tools.train", "--shards", str(shards), "--out", str(out), "--arch", ARCH,
+            "--crop-size", "64", "--device", "cpu", "--log-every", "2", "--deterministic",
+            *map(str, extra)]
+
+
+def _epochs(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+            if '"kind": "epoch"' in line]
+
+
+def test_two_ranks_equal_steps_and_val_once(tmp_path):
+    # 20 train images in 3 uneven shards (fewer than 2 ranks x 2 workers), 18 val in 4.
+    info = write_shards(tmp_path / "shards", train_counts=[10, 7, 3], val_counts=[5, 4, 3, 6])
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(_free_port()),
+           *_train_args(info["dir"], out, "--batch-size", 6, "--epochs", 2, "--workers", 2,
+                        "--val-batch-size", 4)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    epochs = _epochs(out)
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    for r in epochs:
+        assert r["steps_per_rank"] == [20 // 6] * 2
+        assert r["val_count"] == info["val_total"] == 18
+        assert sum(r["val_count_per_rank"]) == 18
+    assert json.loads((out / "settings.json").read_text())["versions"]["world_size"] == 2
+
+    # The 2-rank validation equals a single-process one of the saved checkpoint.
+    state = ckpt.load(out / "model_002.pt")
+    model = build_model(ARCH, state["num_classes"])
+    model.load_state_dict(state["model"])
+    single = run_validation(model, val_loader(info["dir"], 5, 0, 1, 0, 64), torch.device("cpu"),
+                            state["mean"], state["std"])
+    assert single["count"] == 18
+    assert abs(single["loss"] - epochs[-1]["val_loss"]) < 1e-5
+    assert abs(single["top1_err"] - epochs[-1]["val_top1_err"]) < 1e-9
+    assert abs(single["top5_err"] - epochs[-1]["val_top5_err"]) < 1e-9
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_localhost(tmp_path):
+    info = write_shards(tmp_path / "shards", train_counts=[6, 5], val_counts=[3, 4])
+    out = tmp_path / "run"
+    port = _free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}",
+           "--rdzv-id", f"test{port}", "--max-restarts", "0",
+           *_train_args(info["dir"], out, "--batch-size", 4, "--epochs", 1, "--workers", 0)]
+    nodes = [subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    try:
+        outputs = [n.communicate(timeout=240)[0] for n in nodes]
+    finally:
+        for n in nodes:
+            if n.poll() is None:
+                n.kill()
+    assert [n.returncode for n in nodes] == [0, 0], "\n".join(outputs)
+    (epoch,) = _epochs(out)
+    assert epoch["steps_per_rank"] == [11 // 4] * 2 and epoch["val_count"] == 7
+    assert json.loads((out / "final.json").read_text())["checkpoint"].endswith("model_001.pt")
