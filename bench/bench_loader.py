@@ -1,0 +1,397 @@
+"""Benchmark: how fast each data path feeds a training step, against the synthetic-tensor ceiling.
+
+Usage:
+    python bench/bench_loader.py --loader-only --images 1024 --workers 2          # CPU machine: (b) vs (c)
+    python bench/bench_loader.py --images 12800 --workers 16 --json out.json      # GPU machine, ~6 min
+
+Generates N ImageNet-like JPEGs on the spot (500x375 / 375x500 / 500x333 photo-like scenes: smooth
+colour field + texture, resized to short side 256, quality 90, about 31 KB each as prepared ImageNet), then
+an ImageFolder tree of them and WebDataset shards (tools.shard.run), and measures images/s, each for
+--steps steps after --warmup steps, median over --repeats windows:
+  (a) synthetic    train step on in-memory GPU tensors (the ceiling)
+  (b) imagefolder  torchvision ImageFolder + DataLoader(workers) + PIL RandomResizedCrop/flip/
+                   ToTensor/Normalize, as pytorch/examples/imagenet
+  (c) cpu          the shards through tools.imagenet.loader.train_loader (PIL decode + crop in
+                   workers), uint8 to the GPU, normalised there
+  (d) gpu          workers hand over raw JPEG bytes; GpuBatchPipeline decodes (nvJPEG) and crops on
+                   the GPU in a side stream, overlapped with the step
+  (e) hybrid       as (d), with --hybrid-fraction of every batch decoded and cropped by the workers
+  (f) gpu-nvimgcodec  as (d) with the nvImageCodec decoder, where it is installed
+for each --models entry (alexnetowtbn eager / torch.compile, resnet50; bf16 autocast, channels_last),
+plus the data paths alone (no model). Prints a table (images/s, share of the ceiling) last.
+--loader-only: (b) vs (c) with no model and no GPU.
+"""
+import argparse
+import io
+import json
+import math
+import os
+import random
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, RandomSampler, get_worker_info
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tools.imagenet import gpu_data  # noqa: E402
+
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+SCENES = [(500, 375), (375, 500), (500, 333), (500, 375)]
+
+
+# ----------------------------------------------------------------------------------------- data
+
+def _make_image(args):
+    """One photo-like scene (smooth colour field + fine texture, so JPEG sizes are like ImageNet's
+    25-40 KB at 256 px), resized to short side 256 and saved at quality 90 like the resize stage."""
+    i, num_classes, out_dir, wnids = args
+    rng = np.random.default_rng(i)
+    k = i % num_classes
+    w, h = SCENES[i % len(SCENES)]
+    small = rng.integers(0, 256, (max(2, h // 40), max(2, w // 40), 3), dtype=np.uint8)
+    base = np.asarray(Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC), dtype=np.int16)
+    texture = rng.normal(0, 16, (h, w, 1)).astype(np.int16)
+    img = Image.fromarray(np.clip(base + texture, 0, 255).astype(np.uint8))
+    s = 256 / min(w, h)
+    img = img.resize((round(w * s), round(h * s)), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    split = "val" if i % 50 == 0 else "train"
+    path = Path(out_dir) / split / wnids[k] / f"{wnids[k]}_{i}.JPEG"
+    img.save(path, "JPEG", quality=90)
+    return path.stat().st_size
+
+
+def make_dataset(work, num_images, num_classes, workers, shard_size):
+    """resized-like tree work/resized/{train,val}/<wnid>/*.JPEG and shards in work/shards."""
+    from multiprocessing import Pool
+    from tools.make_mini import pick_wnids
+    wnids = pick_wnids(num_classes)
+    src = work / "resized"
+    for split in ("train", "val"):
+        for w in wnids:
+            (src / split / w).mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with Pool(workers) as pool:
+        sizes = pool.map(_make_image, [(i, num_classes, src, wnids) for i in range(num_images)], chunksize=16)
+    print(f"generated {num_images} JPEGs, mean {np.mean(sizes) / 1024:.1f} KiB, "
+          f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    from tools import shard
+    shard.run(src, work / "shards", train_shard_size=shard_size, val_shard_size=shard_size, seed=0,
+              workers=workers)
+    return src, work / "shards"
+
+
+# ----------------------------------------------------------------------------------------- sources
+
+def imagefolder_batches(root, batch, workers, crop):
+    """(b): pytorch/examples' ImageNet loader, endless (sampling with replacement, no epoch ends)."""
+    from torchvision import datasets, transforms
+    tf = transforms.Compose([transforms.RandomResizedCrop(crop), transforms.RandomHorizontalFlip(),
+                             transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+    ds = datasets.ImageFolder(str(root), tf)
+    sampler = RandomSampler(ds, replacement=True, num_samples=10 ** 8)
+    return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+                      prefetch_factor=4 if workers else None)
+
+
+def cpu_batches(shards, batch, workers, crop, aug, total):
+    """(c): the project's CPU loader; long enough for `total` batches."""
+    from tools.imagenet.loader import train_loader
+    loader = train_loader(shards, global_batch_size=batch, epoch=1, seed=0, rank=0, world_size=1,
+                          workers=workers, crop_size=crop, aug=aug)
+    if getattr(loader, "num_batches", total) < total:
+        loader.num_batches = total  # the train stream is endless; only the epoch length stops it
+    return loader
+
+
+class RawShards(IterableDataset):
+    """(d)/(e): workers read the shards and hand over undecoded batches (pack_jpegs); with
+    cpu_fraction > 0 they also decode + crop that share of each batch (hybrid)."""
+
+    def __init__(self, shards_dir, batch, crop, aug="rrc", cpu_fraction=0.0, seed=0):
+        super().__init__()
+        manifest = json.loads((Path(shards_dir) / "train.json").read_text())
+        self.paths = [str(Path(shards_dir) / s["name"]) for s in manifest["shards"]]
+        self.batch, self.crop, self.aug, self.cpu_fraction, self.seed = batch, crop, aug, cpu_fraction, seed
+
+    def _samples(self, paths, rng):
+        while True:
+            rng.shuffle(paths)
+            for p in paths:
+                with tarfile.open(p) as tar:
+                    sample = {}
+                    for m in tar:
+                        key, ext = m.name.split(".", 1)
+                        if sample.get("__key__") not in (None, key):
+                            yield sample
+                            sample = {}
+                        sample["__key__"] = key
+                        sample[ext] = tar.extractfile(m).read()
+                    if sample:
+                        yield sample
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        paths = self.paths[wid::nw] or [self.paths[wid % len(self.paths)]]
+        rng = random.Random(f"{self.seed}/{wid}")
+        n_cpu = round(self.batch * self.cpu_fraction)
+        if n_cpu:
+            from tools.imagenet import loader as cpu_loader
+            crop_fn = cpu_loader.random_resized_crop if self.aug == "rrc" else cpu_loader.random_crop
+        buf = []
+        for s in self._samples(list(paths), rng):
+            buf.append(s)
+            if len(buf) < self.batch:
+                continue
+            out = {}
+            if n_cpu:
+                crops = []
+                for s in buf[:n_cpu]:
+                    img = Image.open(io.BytesIO(s["jpg"])).convert("RGB")
+                    crops.append(np.asarray(crop_fn(img, self.crop, rng), dtype=np.uint8))
+                out["pre"] = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2)
+                out["pre_labels"] = torch.tensor([int(s["cls"]) for s in buf[:n_cpu]])
+            rest = buf[n_cpu:]
+            out["data"], out["offsets"] = gpu_data.pack_jpegs([s["jpg"] for s in rest])
+            out["labels"] = torch.tensor([int(s["cls"]) for s in rest])
+            out["keys"] = [s["__key__"] for s in rest]
+            buf = []
+            yield out
+
+
+def raw_batches(shards, batch, workers, crop, aug, cpu_fraction=0.0):
+    return DataLoader(RawShards(shards, batch, crop, aug, cpu_fraction), batch_size=None,
+                      num_workers=workers, prefetch_factor=4 if workers else None,
+                      persistent_workers=workers > 0)
+
+
+def gpu_batches(shards, batch, workers, crop, aug, cpu_fraction=0.0, decoder=None, threaded=True):
+    augment = gpu_data.GpuAugment(crop, mode=aug, mean=MEAN, std=STD, dtype=torch.bfloat16, seed=0)
+    return gpu_data.GpuBatchPipeline(raw_batches(shards, batch, workers, crop, aug, cpu_fraction),
+                                     augment, device="cuda", decoder=decoder, threaded=threaded)
+
+
+# ----------------------------------------------------------------------------------------- timing
+
+def measure(source, step, warmup, steps, repeats, to_device=None):
+    """Median images/s over `repeats` windows of `steps` steps, after `warmup` steps."""
+    cuda = torch.cuda.is_available()
+    it = iter(source)
+    try:
+        for _ in range(warmup):
+            x, y = next(it)
+            step(*(to_device(x, y) if to_device else (x, y)))
+        rates = []
+        for _ in range(repeats):
+            if cuda:
+                torch.cuda.synchronize()
+            t0, n = time.perf_counter(), 0
+            for _ in range(steps):
+                x, y = next(it)
+                step(*(to_device(x, y) if to_device else (x, y)))
+                n += len(y)
+            if cuda:
+                torch.cuda.synchronize()
+            rates.append(n / (time.perf_counter() - t0))
+        return statistics.median(rates), rates
+    finally:
+        del it
+
+
+def uint8_to_gpu(x, y):
+    from tools.imagenet.loader import normalize
+    x = x.cuda(non_blocking=True)
+    return normalize(x, MEAN, STD), y.cuda(non_blocking=True)
+
+
+def float_to_gpu(x, y):
+    return x.cuda(non_blocking=True).contiguous(memory_format=torch.channels_last), y.cuda(non_blocking=True)
+
+
+def make_step(arch, compile_model, num_classes=1000):
+    from tools.imagenet.models import build_model
+    model = build_model(arch, num_classes).cuda().to(memory_format=torch.channels_last).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    crit = torch.nn.CrossEntropyLoss()
+    fwd = torch.compile(model) if compile_model else model
+
+    def step(x, y):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = crit(fwd(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def no_step(x, y):
+    pass
+
+
+def touch_step(x, y):
+    x[:1, :1, :1, :1].sum()  # a GPU op on the batch so the wait on its event is real
+
+
+# ----------------------------------------------------------------------------------------- main
+
+def micro(shards, batch, crop, aug, decoder=None, reps=10):
+    """Stage costs of the GPU path on one batch, alone, in ms (CUDA-synchronised host clock)."""
+    raw = next(iter(RawShards(shards, batch, crop, aug)))
+    blobs = gpu_data.unpack_jpegs(raw["data"], raw["offsets"])
+    augment = gpu_data.GpuAugment(crop, mode=aug, mean=MEAN, std=STD, dtype=torch.bfloat16)
+
+    def timed(fn):
+        fn()
+        torch.cuda.synchronize()
+        t = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            t.append((time.perf_counter() - t0) * 1000)
+        return statistics.median(t)
+    images, _ = gpu_data.decode_jpegs(blobs, "cuda", decoder=decoder)
+    boxes = augment.boxes([im.shape[-2:] for im in images])
+    out = {"decode_ms": timed(lambda: gpu_data.decode_jpegs(blobs, "cuda", decoder=decoder)),
+           "boxes_ms": timed(lambda: augment.boxes([im.shape[-2:] for im in images])),
+           "pad_ms": timed(lambda: gpu_data.pad_batch(images)),
+           "crop_norm_ms": timed(lambda: gpu_data.crop_batch(images, boxes, crop, MEAN, STD, torch.bfloat16)),
+           "augment_ms": timed(lambda: augment(images))}
+    out["decode_img_per_s"] = batch / out["decode_ms"] * 1000
+    out["augment_img_per_s"] = batch / out["augment_ms"] * 1000
+    return out
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=12800, help="JPEGs to generate (default 12800)")
+    p.add_argument("--classes", type=int, default=100, help="classes of the generated set (default 100)")
+    p.add_argument("--batch", type=int, default=256, help="batch size (default 256)")
+    p.add_argument("--crop", type=int, default=224, help="crop size (default 224)")
+    p.add_argument("--aug", choices=["rrc", "crop"], default="rrc",
+                   help="train augmentation of paths c-e: RandomResizedCrop (as b) or the seed's crop")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                   help="DataLoader workers of the decoding paths b, c, e (default: all cores)")
+    p.add_argument("--raw-workers", type=int, default=4,
+                   help="workers of the GPU path d, which only read shards (default 4)")
+    p.add_argument("--hybrid-fraction", type=float, default=0.2,
+                   help="share of each batch the workers decode in the hybrid path e (default 0.2)")
+    p.add_argument("--steps", type=int, default=20, help="steps per timed window (default 20)")
+    p.add_argument("--warmup", type=int, default=8, help="untimed steps first (default 8)")
+    p.add_argument("--repeats", type=int, default=3, help="timed windows; the median is reported (default 3)")
+    p.add_argument("--models", default="alexnetowtbn,alexnetowtbn+compile,resnet50",
+                   help="comma list; '+compile' wraps the model in torch.compile")
+    p.add_argument("--paths", default="a,b,c,d,e,f", help="comma list of the paths a-f to run")
+    p.add_argument("--loader-only", action="store_true", help="(b) vs (c) without a model or GPU")
+    p.add_argument("--work", type=Path, default=None, help="folder for the generated data (default: a temp dir)")
+    p.add_argument("--json", type=Path, default=None, help="also write all figures to this JSON file")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.backends.cudnn.benchmark = True
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench_loader_"))
+    work.mkdir(parents=True, exist_ok=True)
+    shard_size = max(64, args.images // max(4 * args.workers, 16))
+    src, shards = make_dataset(work, args.images, args.classes, args.workers, shard_size)
+    paths = set(args.paths.split(","))
+    total = args.warmup + args.steps * args.repeats + 2
+    rows = []
+
+    def record(model, path, rate, rates, ceiling=None):
+        rows.append({"model": model, "path": path, "images_per_s": rate, "windows": rates,
+                     "share": rate / ceiling if ceiling else None})
+        share = f" ({rate / ceiling:.0%} of ceiling)" if ceiling else ""
+        print(f"{model:24s} {path:16s} {rate:9.0f} img/s{share}", file=sys.stderr, flush=True)
+
+    W, B, C = args.workers, args.batch, args.crop
+    timing = (args.warmup, args.steps, args.repeats)
+    if args.loader_only or not torch.cuda.is_available():
+        r = measure(imagefolder_batches(src / "train", B, W, C), no_step, *timing)
+        record("none", "b imagefolder", *r)
+        r = measure(cpu_batches(shards, B, W, C, args.aug, total), no_step, *timing)
+        record("none", "c cpu", *r)
+    else:
+        card = torch.cuda.get_device_name()
+        print(f"card: {card}; torch {torch.__version__}; {W} workers", file=sys.stderr)
+        nvimg = gpu_data.nvimgcodec_decoder("cuda")
+        try:
+            m = micro(shards, B, C, args.aug)
+            rows.append({"model": "none", "path": "micro nvjpeg", "images_per_s": m["decode_img_per_s"],
+                         "micro": m, "share": None, "windows": []})
+            print("micro (torchvision nvJPEG):", json.dumps(m), file=sys.stderr, flush=True)
+            if nvimg is not None:
+                m = micro(shards, B, C, args.aug, decoder=nvimg)
+                print("micro (nvimgcodec):", json.dumps(m), file=sys.stderr, flush=True)
+                rows.append({"model": "none", "path": "micro nvimgcodec", "images_per_s": m["decode_img_per_s"],
+                             "micro": m, "share": None, "windows": []})
+        except Exception as exc:  # the table below still comes out
+            print(f"micro failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        # the data paths alone
+        if "c" in paths:
+            record("none", "c cpu", *measure(cpu_batches(shards, B, W, C, args.aug, total), touch_step,
+                                             *timing, to_device=uint8_to_gpu))
+        if "d" in paths:
+            record("none", "d gpu", *measure(gpu_batches(shards, B, args.raw_workers, C, args.aug),
+                                             touch_step, *timing))
+            record("none", "d gpu inline", *measure(
+                gpu_batches(shards, B, args.raw_workers, C, args.aug, threaded=False), touch_step, *timing))
+        if "e" in paths:
+            record("none", "e hybrid", *measure(gpu_batches(shards, B, W, C, args.aug, args.hybrid_fraction),
+                                                touch_step, *timing))
+        if "f" in paths and nvimg is not None:
+            record("none", "f nvimgcodec", *measure(gpu_batches(shards, B, args.raw_workers, C, args.aug,
+                                                                decoder=nvimg), touch_step, *timing))
+        for spec in args.models.split(","):
+            arch, _, opt = spec.partition("+")
+            step = make_step(arch, opt == "compile")
+            x = torch.randn(B, 3, C, C, device="cuda").to(memory_format=torch.channels_last)
+            y = torch.randint(0, 1000, (B,), device="cuda")
+            synthetic = iter(lambda: (x, y), None)
+            ceiling, rates = measure(synthetic, step, *timing)
+            record(spec, "a synthetic", ceiling, rates, ceiling)
+            if "b" in paths:
+                record(spec, "b imagefolder", *measure(imagefolder_batches(src / "train", B, W, C), step,
+                                                       *timing, to_device=float_to_gpu), ceiling)
+            if "c" in paths:
+                record(spec, "c cpu", *measure(cpu_batches(shards, B, W, C, args.aug, total), step, *timing,
+                                               to_device=uint8_to_gpu), ceiling)
+            if "d" in paths:
+                record(spec, "d gpu", *measure(gpu_batches(shards, B, args.raw_workers, C, args.aug), step,
+                                               *timing), ceiling)
+            if "e" in paths:
+                record(spec, "e hybrid", *measure(gpu_batches(shards, B, W, C, args.aug, args.hybrid_fraction),
+                                                  step, *timing), ceiling)
+            if "f" in paths and nvimg is not None and arch.startswith("alexnet"):
+                record(spec, "f nvimgcodec", *measure(gpu_batches(shards, B, args.raw_workers, C, args.aug,
+                                                                  decoder=nvimg), step, *timing), ceiling)
+            del step
+            torch.cuda.empty_cache()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu only"
+    if args.json:
+        args.json.write_text(json.dumps({"device": device, "args": {k: str(v) for k, v in vars(args).items()},
+                                         "rows": rows}, indent=1))
+    print(f"\nbench_loader: {args.images} JPEGs, batch {B}, crop {C}, aug {args.aug}, {W} workers, "
+          f"device: {device}")
+    print(f"{'model':24s} {'path':16s} {'images/s':>9s} {'of ceiling':>10s}")
+    for r in rows:
+        share = f"{r['share']:.0%}" if r["share"] else "-"
+        print(f"{r['model']:24s} {r['path']:16s} {r['images_per_s']:9.0f} {share:>10s}")
+    if args.loader_only:
+        b = next(r for r in rows if r["path"].startswith("b"))["images_per_s"]
+        c = next(r for r in rows if r["path"].startswith("c"))["images_per_s"]
+        print(f"cpu path / imagefolder: {c / b:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
