@@ -138,3 +138,16 @@ def test_step_and_cosine_schedules_and_state():
     restored.load_state_dict(cos.state_dict())
     assert restored.lr_wd(4, 0.3) == cos.lr_wd(4, 0.3)
     assert math.isclose(Schedule("step", lr=0.1, global_batch=64).lr_wd(1)[0], 0.05)
+
+
+def test_trains_on_the_shard_stage_output(mini_shards, tmp_path):
+    out = tmp_path / "mini"
+    assert train.main(["--shards", str(mini_shards), "--out", str(out), "--arch", ARCH,
+                       "--crop-size", "64", "--resize-size", "72", "--batch-size", "16",
+                       "--epochs", "1", "--epoch-size", "3", "--workers", "2", "--device", "cpu",
+                       "--log-every", "1"]) == 0
+    final = json.loads((out / "final.json").read_text())
+    val = json.loads((mini_shards / "val.json").read_text())
+    assert final["val_count"] == val["num_samples"] and final["steps_per_rank"] == [3]
+    state = ckpt.load(out / "model_001.pt")
+    assert state["classes"] == val["classes"] and state["resize_size"] == 72

@@ -8,8 +8,10 @@ Usage:
     torchrun ... -m tools.train ... --resume          # continue from the newest model_NNN.pt
 
 One process per GPU (torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; multi-node through torchrun's
-rendezvous). --batch-size is the GLOBAL batch, split evenly over the ranks; the seed's LRs are for
-a global batch of 128 and are scaled linearly (--lr-scaling). Every epoch ends with a validation
+rendezvous, with --out on a filesystem all nodes share). --batch-size is the GLOBAL batch, split
+evenly over the ranks; the seed's LRs are for a global batch of 128 and are scaled linearly
+(--lr-scaling). SIGTERM stops after the current step (exit code 143); --resume then restarts the
+interrupted epoch from the last checkpoint. A NaN/inf loss stops the run (exit code 1). Every epoch ends with a validation
 over all val images (each counted once across ranks), a checkpoint model_NNN.pt, metrics.jsonl,
 train.log / test.log and curves.png in --out; final.json marks a finished run.
 """
@@ -32,6 +34,7 @@ from tqdm import tqdm
 
 from tools.imagenet import checkpoint as ckpt
 from tools.imagenet import fsutil
+from tools.imagenet.evaluation import evaluate
 from tools.imagenet.loader import (IMAGENET_MEAN, IMAGENET_STD, batches_per_epoch, normalize,
                                    read_manifest, train_loader, val_loader)
 from tools.imagenet.logging_utils import MetricsLog, format_line, plot_curves, write_epoch_logs
@@ -173,27 +176,13 @@ def autocast(device, amp_dtype):
     return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
 
-@torch.no_grad()
 def run_validation(model, loader, device, mean, std, amp_dtype=None, channels_last=False):
     """Loss and top-1/top-5 error (%) over the loader's images; under DDP the sums of all ranks
     (each image once). `model` must be the plain (not DDP-wrapped) module: ranks may see
     different numbers of batches."""
-    was_training = model.training
-    model.eval()
-    acc = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top1, top5, count
-    for x, y in loader:
-        x, y = prepare(x, device, mean, std, channels_last), y.to(device, non_blocking=True)
-        with autocast(device, amp_dtype):
-            logits = model(x)
-        top1, top5 = topk_correct(logits, y)
-        loss = F.cross_entropy(logits.float(), y, reduction="sum")
-        acc += torch.stack([loss.double(), top1.double(), top5.double(),
-                            torch.tensor(len(y), dtype=torch.float64, device=device)])
-    model.train(was_training)
-    loss, top1, top5, n = all_reduce(acc).tolist()
-    n_safe = max(n, 1)
-    return {"loss": loss / n_safe, "top1_err": 100 * (1 - top1 / n_safe),
-            "top5_err": 100 * (1 - top5 / n_safe), "count": int(n)}
+    r = evaluate(model, loader, device, mean, std, amp_dtype=amp_dtype, channels_last=channels_last)
+    return {"loss": r["loss"], "top1_err": r["top1_error"], "top5_err": r["top5_error"],
+            "count": r["count"]}
 
 
 class StopFlag:
@@ -330,6 +319,10 @@ def train(args, rank, world, device, stop):
 
     out, log = args.out, MetricsLog(args.out / "metrics.jsonl")
     found = ckpt.latest(out)
+    if world > 1:  # rank 0 decides, so all ranks resume from the same epoch (--out must be shared)
+        box = [found]
+        dist.broadcast_object_list(box, src=0)
+        found = box[0]
     if found is not None and not args.resume:
         raise SystemExit(f"error: {out} already holds checkpoints ({found.name}); pass --resume "
                          f"to continue or choose another --out")
