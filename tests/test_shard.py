@@ -135,3 +135,10 @@ def test_dotted_names_give_keys_without_dots(tmp_path):
     keys = sorted(k for k, _, _ in _read_shards(tmp_path / "shards", "train"))
     assert keys == ["x_v1", "y"]
     assert [(k, c) for k, _, c in _read_shards(tmp_path / "shards", "val")] == [("z_v2", 1)]
+
+
+def test_fast_tar_header_equals_tarfile():
+    from tools.shard import _tar_header, _tar_header_pax
+    for name, size in [("n01440764_10026.jpg", 40321), ("ILSVRC2012_val_00000001.cls", 3), ("a.jpg", 0),
+                       ("k" * 96 + ".jpg", 12_345_678), ("k" * 120 + ".jpg", 5), ("dé.jpg", 7)]:
+        assert _tar_header(name, size) == _tar_header_pax(name, size), name

@@ -62,7 +62,7 @@ def sample_key(filename):
     return stem.replace(".", "_")
 
 
-def _tar_header(name, size):
+def _tar_header_pax(name, size):
     info = tarfile.TarInfo(name)
     info.size = size
     info.mtime = 0
@@ -71,6 +71,26 @@ def _tar_header(name, size):
     info.uname = info.gname = ""
     info.type = tarfile.REGTYPE
     return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+# The fixed parts of a ustar header (mode 0444, uid/gid 0, mtime 0, regular file, no user/group
+# names, empty device numbers), laid out as tarfile writes them. Built by hand because
+# TarInfo.tobuf costs ~50 us a member, more than reading and hashing a 40 KB JPEG.
+_MODE_UID_GID = b"0000444\x00" + b"0000000\x00" * 2
+_MTIME = b"%011o\x00" % 0
+_TAIL = b"0" + bytes(100) + b"ustar\x0000" + bytes(32 + 32 + 8 + 8 + 155 + 12)
+_TAIL_SUM = sum(_TAIL) + sum(_MODE_UID_GID) + sum(_MTIME) + 8 * ord(" ")
+
+
+def _tar_header(name, size):
+    """512-byte header of a regular member; byte-identical to TarInfo.tobuf(PAX_FORMAT) with the fixed fields."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) > 100 or not name.isascii() or size >= 8 ** 11:
+        return _tar_header_pax(name, size)  # long names need a PAX extended header: leave it to tarfile
+    size_field = b"%011o\x00" % size
+    checksum = _TAIL_SUM + sum(raw) + sum(size_field)
+    return b"".join((raw.ljust(100, b"\x00"), _MODE_UID_GID, size_field, _MTIME,
+                     b"%06o\x00 " % checksum, _TAIL))
 
 
 def _class_folders(split_dir):
@@ -128,19 +148,19 @@ def shuffled(samples, seed):
     return samples
 
 
+_LEVELS = np.arange(256, dtype=np.int64)
+
+
 def pixel_sums(jpeg):
     """(sum, sum of squares, pixel count) per RGB channel of one JPEG as PIL decodes it, exact integers."""
     with Image.open(io.BytesIO(jpeg)) as img:
-        arr = np.asarray(img.convert("RGB")).reshape(-1, 3)
-    # A histogram per channel turns both sums into exact integer dot products.
-    total = np.zeros(3, dtype=np.int64)
-    squares = np.zeros(3, dtype=np.int64)
-    levels = np.arange(256, dtype=np.int64)
-    for c in range(3):
-        hist = np.bincount(arr[:, c], minlength=256).astype(np.int64)
-        total[c] = hist @ levels
-        squares[c] = hist @ (levels * levels)
-    return [int(v) for v in total], [int(v) for v in squares], arr.shape[0]
+        rgb = img.convert("RGB")
+        # Pillow's 768-bin histogram (R, G, B) is 5x faster than numpy sums over the pixels, and
+        # turns both sums into exact integer dot products.
+        hist = np.array(rgb.histogram(), dtype=np.int64).reshape(3, 256)
+    sums = hist @ _LEVELS
+    squares = hist @ (_LEVELS * _LEVELS)
+    return [int(v) for v in sums], [int(v) for v in squares], rgb.width * rgb.height
 
 
 def write_shard(path, samples, stats=False):
@@ -161,11 +181,10 @@ def write_shard(path, samples, stats=False):
                 jpeg = img.read()
             if not jpeg.startswith(JPEG_MAGIC):
                 raise ShardError(f"{image_path} is not a JPEG: shard the resize stage's output, not raw images")
-            for member, data in ((f"{key}.cls", str(cls).encode()), (f"{key}.jpg", jpeg)):
-                put(f, _tar_header(member, len(data)))
-                put(f, data)
-                if len(data) % TAR_BLOCK:
-                    put(f, bytes(TAR_BLOCK - len(data) % TAR_BLOCK))
+            label = str(cls).encode()
+            # one write and one hash update per sample: fewer calls, same bytes
+            put(f, b"".join((_tar_header(f"{key}.cls", len(label)), label, bytes(-len(label) % TAR_BLOCK),
+                             _tar_header(f"{key}.jpg", len(jpeg)), jpeg, bytes(-len(jpeg) % TAR_BLOCK))))
             if stats:
                 s, q, n = pixel_sums(jpeg)
                 sums = [a + b for a, b in zip(sums, s)]
