@@ -80,14 +80,14 @@ def pick_device(name):
     return torch.device(name)
 
 
-def _load(path, resize_size, crop_size, ten):
+def _load(path, resize_size, crop_size, ten, jpeg_quality):
     try:
-        return pp.load_for_model(path, resize_size, crop_size, ten), None
+        return pp.load_for_model(path, resize_size, crop_size, ten, jpeg_quality), None
     except Exception as e:  # noqa: BLE001 - any undecodable file is that file's error, not the run's
         return None, f"cannot read image: {type(e).__name__}: {e}"
 
 
-def predict(model, ckpt, paths, device, batch_size=32, top_k=5, ten_crop=False, threads=None):
+def predict(model, ckpt, paths, device, batch_size=32, top_k=5, ten_crop=False, jpeg_quality=None, threads=None):
     """Yield {"path", "top": [...]} or {"path", "error"} per path, in order."""
     classes = ckpt["classes"]
     top_k = min(top_k, len(classes))
@@ -95,7 +95,8 @@ def predict(model, ckpt, paths, device, batch_size=32, top_k=5, ten_crop=False, 
     with ThreadPoolExecutor(threads) as pool:
         for start in range(0, len(paths), batch_size):
             chunk = paths[start:start + batch_size]
-            loaded = list(pool.map(lambda p: _load(p, ckpt["resize_size"], ckpt["crop_size"], ten_crop), chunk))
+            loaded = list(pool.map(
+                lambda p: _load(p, ckpt["resize_size"], ckpt["crop_size"], ten_crop, jpeg_quality), chunk))
             ok = [x for x, err in loaded if err is None]
             probs = iter(())
             if ok:
@@ -129,7 +130,13 @@ def parse_args(argv=None):
     p.add_argument("--ten-crop", action="store_true",
                    help="average the probabilities of ten crops (corners, center and their mirrors) "
                         "instead of the single center crop")
+    p.add_argument("--resize-quality", type=int, metavar="Q",
+                   help="replay the resize stage's JPEG encode at quality Q (its --quality, config resize.quality) "
+                        "so that an original photo scores exactly as its copy in the val shards "
+                        "(default: off, the resized pixels go to the model directly)")
     args = p.parse_args(argv)
+    if args.resize_quality is not None and not 1 <= args.resize_quality <= 100:
+        p.error("--resize-quality must be in 1..100")
     if args.batch_size < 1 or args.top_k < 1:
         p.error("--batch-size and --top-k must be >= 1")
     return args
@@ -145,7 +152,7 @@ def main(argv=None) -> int:
         return 2
     inputs = expand_inputs(args.inputs)
     predicted = predict(model, ckpt, [p for p, err in inputs if err is None], device, args.batch_size,
-                        args.top_k, args.ten_crop)
+                        args.top_k, args.ten_crop, args.resize_quality)
     results = [{"path": p, "error": err} if err is not None else next(predicted) for p, err in inputs]
     failed = [r for r in results if "error" in r]
     for r in failed:

@@ -13,6 +13,8 @@ Geometry (the one place it is defined):
 - ten crops: top-left, top-right, bottom-left, bottom-right, center, then the same five flipped
   horizontally (torchvision's TenCrop order).
 """
+import io
+
 import numpy as np
 import torch
 from PIL import Image
@@ -64,7 +66,7 @@ def load_resized(path, short_side):
     (before its JPEG encode): 8-bit RGB via tools.resize.to_8bit (CMYK, grayscale, palette, alpha,
     16-bit, ICC), short side `short_side` (never enlarged), EXIF orientation applied.
 
-    Mirrors tools.resize.resize_image step for step (same JPEG draft, filter and order) so a photo
+    Mirrors tools.resize.resize_image step for step (same JPEG draft, resampler and order) so a photo
     predicted from its original file gets the pixels the model saw in training, less the resize
     stage's JPEG re-encode. Raises (OSError, ValueError, ...) when the file cannot be decoded."""
     from tools import resize as resize_stage  # here: the val loader's workers never need it
@@ -76,7 +78,10 @@ def load_resized(path, short_side):
         img.load()
         out = resize_stage.to_8bit(img)
         if out.size != (tw, th):
-            out = out.resize((tw, th), resize_stage._RESAMPLE, reducing_gap=resize_stage._REDUCING_GAP)
+            threads = torch.get_num_threads()
+            out = resize_stage.resample(out, (tw, th))
+            if torch.get_num_threads() != threads:  # resize's torch path pins 1 thread for its pool
+                torch.set_num_threads(threads)
         if out.mode != "RGB":
             out = out.convert("RGB")
         if orientation in resize_stage._ORIENTATION:
@@ -96,7 +101,21 @@ def fit_crop(img, crop):
     return img.resize((max(crop, round(w * s)), max(crop, round(h * s))), Image.BILINEAR)
 
 
-def load_for_model(path, resize_size, crop_size, ten=False):
-    """An image file -> uint8 3 x crop x crop (center crop), or 10 x 3 x crop x crop with ten=True."""
-    x = to_tensor(fit_crop(load_resized(path, resize_size), crop_size))
+def reencode(img, quality):
+    """The resize stage's JPEG encode of `img` at `quality`, decoded again (its artefacts included)."""
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality, optimize=False, progressive=False)
+    buf.seek(0)
+    with Image.open(buf) as decoded:
+        return decoded.convert("RGB")
+
+
+def load_for_model(path, resize_size, crop_size, ten=False, jpeg_quality=None):
+    """An image file -> uint8 3 x crop x crop (center crop), or 10 x 3 x crop x crop with ten=True.
+    jpeg_quality replays the resize stage's encode, so that an original file gives exactly the pixels
+    evaluation reads from the shards."""
+    img = load_resized(path, resize_size)
+    if jpeg_quality is not None:
+        img = reencode(img, jpeg_quality)
+    x = to_tensor(fit_crop(img, crop_size))
     return ten_crop(x, crop_size) if ten else center_crop(x, crop_size)
