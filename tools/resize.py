@@ -259,15 +259,16 @@ def run(src, dst, rejected, short_side=256, quality=90, workers=None, max_reject
         for d in dirs:
             (tmp / d).mkdir(parents=True, exist_ok=True)
         tasks = ((rel, str(src), str(tmp), short_side, quality, resampler) for rel in files)
-        bar = tqdm(total=len(files), desc="resize", unit="img", file=sys.stderr, smoothing=0.05)
         if workers == 1:
             results = map(_work, tasks)
             pool = None
         else:
             import multiprocessing
+            # started before the progress bar: tqdm's monitor thread must not exist when the pool forks
             pool = multiprocessing.Pool(workers, initializer=_import_torch if resampler == "torch" else None)
             chunk = max(1, min(64, len(files) // (workers * 16)))
             results = pool.imap_unordered(_work, tasks, chunksize=chunk)
+        bar = tqdm(total=len(files), desc="resize", unit="img", file=sys.stderr, smoothing=0.05)
         try:
             for rel, reason, size in results:
                 if reason is not None:

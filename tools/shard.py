@@ -243,14 +243,15 @@ def run(src, out, train_shard_size=1000, val_shard_size=500, seed=0, workers=Non
         # Biggest work first so the last shards do not leave cores idle at the end.
         tasks.sort(key=lambda t: (-len(t[3]) * (2 if t[4] else 1), t[1], t[0]))
         entries = {"train": {}, "val": {}}
-        bar = tqdm(total=sum(len(s) for s in splits.values()), desc="shard", unit="img", file=sys.stderr)
         pool = None
         if workers == 1:
             results = map(_write_task, tasks)
         else:
             import multiprocessing
+            # started before the progress bar: tqdm's monitor thread must not exist when the pool forks
             pool = multiprocessing.Pool(min(workers, len(tasks)))
             results = pool.imap_unordered(_write_task, tasks, chunksize=1)
+        bar = tqdm(total=sum(len(s) for s in splits.values()), desc="shard", unit="img", file=sys.stderr)
         try:
             for split, index, entry in results:
                 entries[split][index] = entry
