@@ -6,7 +6,7 @@ Usage:
 
 Generates N ImageNet-like JPEGs on the spot (500x375 / 375x500 / 500x333 photo-like scenes: smooth
 colour field + texture, resized to short side 256, quality 90, about 31 KB each as prepared ImageNet), then
-an ImageFolder tree of them and WebDataset shards (tools.shard.run), and measures images/s, each for
+an ImageFolder tree of them and WebDataset shards (plain tarfile, per the shard contract), and measures images/s, each for
 --steps steps after --warmup steps, median over --repeats windows:
   (a) synthetic    train step on in-memory GPU tensors (the ceiling)
   (b) imagefolder  torchvision ImageFolder + DataLoader(workers) + PIL RandomResizedCrop/flip/
@@ -61,14 +61,38 @@ def _make_image(args):
     img = Image.fromarray(np.clip(base + texture, 0, 255).astype(np.uint8))
     s = 256 / min(w, h)
     img = img.resize((round(w * s), round(h * s)), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    split = "val" if i % 50 == 0 else "train"
+    split = "val" if (i // num_classes) % 50 == 49 else "train"
     path = Path(out_dir) / split / wnids[k] / f"{wnids[k]}_{i}.JPEG"
     img.save(path, "JPEG", quality=90)
     return path.stat().st_size
 
 
+def write_shards(src, out, shard_size, seed=0):
+    """Plain-tarfile WebDataset shards + manifest per the shard contract (train only, shuffled):
+    `<key>.jpg` as is, `<key>.cls` = index of the wnid in sorted order; fixed mtime."""
+    classes = sorted(p.name for p in (src / "train").iterdir())
+    files = [(f, i) for i, c in enumerate(classes) for f in sorted((src / "train" / c).iterdir())]
+    random.Random(seed).shuffle(files)
+    out.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for n, start in enumerate(range(0, len(files), shard_size)):
+        name = f"train-{n:06d}.tar"
+        chunk = files[start:start + shard_size]
+        with tarfile.open(out / name, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for f, cls in chunk:
+                for ext, data in (("cls", str(cls).encode()), ("jpg", f.read_bytes())):
+                    info = tarfile.TarInfo(f"{f.stem}.{ext}")
+                    info.size, info.mtime = len(data), 0
+                    tar.addfile(info, io.BytesIO(data))
+        shards.append({"name": name, "num_samples": len(chunk), "bytes": (out / name).stat().st_size})
+    manifest = {"split": "train", "num_samples": len(files), "num_classes": len(classes), "classes": classes,
+                "shards": shards, "shard_size": shard_size, "seed": seed, "mean": MEAN, "std": STD}
+    (out / "train.json").write_text(json.dumps(manifest, indent=1))
+    return out
+
+
 def make_dataset(work, num_images, num_classes, workers, shard_size):
-    """resized-like tree work/resized/{train,val}/<wnid>/*.JPEG and shards in work/shards."""
+    """An ImageFolder tree work/resized/{train,val}/<wnid>/*.JPEG and shards in work/shards."""
     from multiprocessing import Pool
     from tools.make_mini import pick_wnids
     wnids = pick_wnids(num_classes)
@@ -81,10 +105,7 @@ def make_dataset(work, num_images, num_classes, workers, shard_size):
         sizes = pool.map(_make_image, [(i, num_classes, src, wnids) for i in range(num_images)], chunksize=16)
     print(f"generated {num_images} JPEGs, mean {np.mean(sizes) / 1024:.1f} KiB, "
           f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    from tools import shard
-    shard.run(src, work / "shards", train_shard_size=shard_size, val_shard_size=shard_size, seed=0,
-              workers=workers)
-    return src, work / "shards"
+    return src, write_shards(src, work / "shards", shard_size)
 
 
 # ----------------------------------------------------------------------------------------- sources
@@ -282,12 +303,12 @@ def parse_args(argv=None):
                    help="DataLoader workers of the decoding paths b, c, e (default: all cores)")
     p.add_argument("--raw-workers", type=int, default=4,
                    help="workers of the GPU path d, which only read shards (default 4)")
-    p.add_argument("--hybrid-fraction", type=float, default=0.2,
-                   help="share of each batch the workers decode in the hybrid path e (default 0.2)")
+    p.add_argument("--hybrid-fraction", type=float, default=0.25,
+                   help="share of each batch the workers decode in the hybrid path e (default 0.25)")
     p.add_argument("--steps", type=int, default=20, help="steps per timed window (default 20)")
     p.add_argument("--warmup", type=int, default=8, help="untimed steps first (default 8)")
     p.add_argument("--repeats", type=int, default=3, help="timed windows; the median is reported (default 3)")
-    p.add_argument("--models", default="alexnetowtbn,alexnetowtbn+compile,resnet50",
+    p.add_argument("--models", default="alexnetowtbn+compile,alexnetowtbn,resnet50",
                    help="comma list; '+compile' wraps the model in torch.compile")
     p.add_argument("--paths", default="a,b,c,d,e,f", help="comma list of the paths a-f to run")
     p.add_argument("--loader-only", action="store_true", help="(b) vs (c) without a model or GPU")
@@ -314,66 +335,71 @@ def main(argv=None) -> int:
         print(f"{model:24s} {path:16s} {rate:9.0f} img/s{share}", file=sys.stderr, flush=True)
 
     W, B, C = args.workers, args.batch, args.crop
+    HW = max(1, W - 2)  # hybrid: leave cores to the main process and the GPU decode thread
     timing = (args.warmup, args.steps, args.repeats)
+
+    def run(model, path, make_source, step, to_device=None, ceiling=None):
+        """One measurement; a failure is reported and recorded, the others still run."""
+        try:
+            record(model, path, *measure(make_source(), step, *timing, to_device=to_device), ceiling)
+        except Exception as exc:
+            print(f"{model:24s} {path:16s} FAILED: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            rows.append({"model": model, "path": path, "images_per_s": float("nan"), "windows": [],
+                         "share": None, "error": f"{type(exc).__name__}: {exc}"})
+
     if args.loader_only or not torch.cuda.is_available():
-        r = measure(imagefolder_batches(src / "train", B, W, C), no_step, *timing)
-        record("none", "b imagefolder", *r)
-        r = measure(cpu_batches(shards, B, W, C, args.aug, total), no_step, *timing)
-        record("none", "c cpu", *r)
+        run("none", "b imagefolder", lambda: imagefolder_batches(src / "train", B, W, C), no_step)
+        run("none", "c cpu", lambda: cpu_batches(shards, B, W, C, args.aug, total), no_step)
     else:
         card = torch.cuda.get_device_name()
         print(f"card: {card}; torch {torch.__version__}; {W} workers", file=sys.stderr)
-        nvimg = gpu_data.nvimgcodec_decoder("cuda")
         try:
-            m = micro(shards, B, C, args.aug)
-            rows.append({"model": "none", "path": "micro nvjpeg", "images_per_s": m["decode_img_per_s"],
-                         "micro": m, "share": None, "windows": []})
-            print("micro (torchvision nvJPEG):", json.dumps(m), file=sys.stderr, flush=True)
-            if nvimg is not None:
-                m = micro(shards, B, C, args.aug, decoder=nvimg)
-                print("micro (nvimgcodec):", json.dumps(m), file=sys.stderr, flush=True)
-                rows.append({"model": "none", "path": "micro nvimgcodec", "images_per_s": m["decode_img_per_s"],
+            nvimg = gpu_data.nvimgcodec_decoder("cuda")
+        except Exception as exc:
+            print(f"nvimgcodec unusable: {type(exc).__name__}: {exc}", file=sys.stderr)
+            nvimg = None
+        for name, dec in (("nvjpeg", None), ("nvimgcodec", nvimg)):
+            if name == "nvimgcodec" and dec is None:
+                continue
+            try:
+                m = micro(shards, B, C, args.aug, decoder=dec)
+                rows.append({"model": "none", "path": f"micro {name}", "images_per_s": m["decode_img_per_s"],
                              "micro": m, "share": None, "windows": []})
-        except Exception as exc:  # the table below still comes out
-            print(f"micro failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-        # the data paths alone
-        if "c" in paths:
-            record("none", "c cpu", *measure(cpu_batches(shards, B, W, C, args.aug, total), touch_step,
-                                             *timing, to_device=uint8_to_gpu))
+                print(f"micro ({name}):", json.dumps(m), file=sys.stderr, flush=True)
+            except Exception as exc:  # the table below still comes out
+                print(f"micro {name} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        sources = {
+            "b imagefolder": (lambda: imagefolder_batches(src / "train", B, W, C), float_to_gpu),
+            "c cpu": (lambda: cpu_batches(shards, B, W, C, args.aug, total), uint8_to_gpu),
+            "d gpu": (lambda: gpu_batches(shards, B, args.raw_workers, C, args.aug), None),
+            "e hybrid": (lambda: gpu_batches(shards, B, HW, C, args.aug, args.hybrid_fraction), None),
+        }
+        if nvimg is not None:
+            sources["f nvimgcodec"] = (lambda: gpu_batches(shards, B, args.raw_workers, C, args.aug,
+                                                           decoder=nvimg), None)
+        chosen = {k: v for k, v in sources.items() if k[0] in paths}
+        # the data paths alone (a trivial GPU op per batch)
+        for path, (make, to_dev) in chosen.items():
+            if path[0] != "b":
+                run("none", path, make, touch_step, to_dev)
         if "d" in paths:
-            record("none", "d gpu", *measure(gpu_batches(shards, B, args.raw_workers, C, args.aug),
-                                             touch_step, *timing))
-            record("none", "d gpu inline", *measure(
-                gpu_batches(shards, B, args.raw_workers, C, args.aug, threaded=False), touch_step, *timing))
-        if "e" in paths:
-            record("none", "e hybrid", *measure(gpu_batches(shards, B, W, C, args.aug, args.hybrid_fraction),
-                                                touch_step, *timing))
-        if "f" in paths and nvimg is not None:
-            record("none", "f nvimgcodec", *measure(gpu_batches(shards, B, args.raw_workers, C, args.aug,
-                                                                decoder=nvimg), touch_step, *timing))
+            run("none", "d gpu inline", lambda: gpu_batches(shards, B, args.raw_workers, C, args.aug,
+                                                            threaded=False), touch_step)
+            other = "crop" if args.aug == "rrc" else "rrc"
+            run("none", f"d gpu {other}", lambda: gpu_batches(shards, B, args.raw_workers, C, other), touch_step)
         for spec in args.models.split(","):
             arch, _, opt = spec.partition("+")
-            step = make_step(arch, opt == "compile")
-            x = torch.randn(B, 3, C, C, device="cuda").to(memory_format=torch.channels_last)
-            y = torch.randint(0, 1000, (B,), device="cuda")
-            synthetic = iter(lambda: (x, y), None)
-            ceiling, rates = measure(synthetic, step, *timing)
+            try:
+                step = make_step(arch, opt == "compile")
+                x = torch.randn(B, 3, C, C, device="cuda").to(memory_format=torch.channels_last)
+                y = torch.randint(0, 1000, (B,), device="cuda")
+                ceiling, rates = measure(iter(lambda: (x, y), None), step, *timing)
+            except Exception as exc:
+                print(f"{spec}: FAILED: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+                continue
             record(spec, "a synthetic", ceiling, rates, ceiling)
-            if "b" in paths:
-                record(spec, "b imagefolder", *measure(imagefolder_batches(src / "train", B, W, C), step,
-                                                       *timing, to_device=float_to_gpu), ceiling)
-            if "c" in paths:
-                record(spec, "c cpu", *measure(cpu_batches(shards, B, W, C, args.aug, total), step, *timing,
-                                               to_device=uint8_to_gpu), ceiling)
-            if "d" in paths:
-                record(spec, "d gpu", *measure(gpu_batches(shards, B, args.raw_workers, C, args.aug), step,
-                                               *timing), ceiling)
-            if "e" in paths:
-                record(spec, "e hybrid", *measure(gpu_batches(shards, B, W, C, args.aug, args.hybrid_fraction),
-                                                  step, *timing), ceiling)
-            if "f" in paths and nvimg is not None and arch.startswith("alexnet"):
-                record(spec, "f nvimgcodec", *measure(gpu_batches(shards, B, args.raw_workers, C, args.aug,
-                                                                  decoder=nvimg), step, *timing), ceiling)
+            for path, (make, to_dev) in chosen.items():
+                run(spec, path, make, step, to_dev, ceiling)
             del step
             torch.cuda.empty_cache()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu only"
@@ -384,7 +410,7 @@ def main(argv=None) -> int:
           f"device: {device}")
     print(f"{'model':24s} {'path':16s} {'images/s':>9s} {'of ceiling':>10s}")
     for r in rows:
-        share = f"{r['share']:.0%}" if r["share"] else "-"
+        share = f"{r['share']:.0%}" if r["share"] else ("FAILED" if r.get("error") else "-")
         print(f"{r['model']:24s} {r['path']:16s} {r['images_per_s']:9.0f} {share:>10s}")
     if args.loader_only:
         b = next(r for r in rows if r["path"].startswith("b"))["images_per_s"]

@@ -112,26 +112,31 @@ def torchvision_gpu_decoder(device):
 def nvimgcodec_decoder(device="cuda", hardware=True):
     """nvImageCodec batched decoder with the same interface, or None where it is not installed.
 
-    hardware=True prefers the GPU's hardware JPEG engine (A100/H100 have one), then CUDA decode."""
+    hardware=True prefers the GPU's hardware JPEG engine (A100/H100 have one), then CUDA decode.
+    Needs libnvjpeg (CUDA toolkit's lib64 on LD_LIBRARY_PATH, or the nvidia-nvjpeg wheel)."""
     try:
         from nvidia import nvimgcodec
     except ImportError:
         return None
-    backends = [nvimgcodec.Backend(nvimgcodec.GPU_ONLY)]
+    backends = [nvimgcodec.Backend(nvimgcodec.BackendKind.GPU_ONLY)]
     if hardware:
-        backends.insert(0, nvimgcodec.Backend(nvimgcodec.HW_GPU_ONLY))
+        backends.insert(0, nvimgcodec.Backend(nvimgcodec.BackendKind.HW_GPU_ONLY))
     dev = torch.device(device)
     dec = nvimgcodec.Decoder(device_id=dev.index or 0, backends=backends)
-    params = nvimgcodec.DecodeParams(color_spec=nvimgcodec.ColorSpec.RGB, allow_any_depth=False,
-                                     apply_exif_orientation=False)
+    params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB,
+                                     allow_any_depth=False, sample_format=nvimgcodec.SampleFormat.P_RGB)
 
     def decode(tensors):
         stream = torch.cuda.current_stream(dev)
-        out = dec.decode([t.numpy() for t in tensors], params=params, cuda_stream=stream.cuda_stream)
+        streams = [nvimgcodec.CodeStream(t.numpy()) for t in tensors]
+        out = dec.decode(streams, params=params, cuda_stream=stream.cuda_stream)
         if any(im is None for im in out):
             raise RuntimeError("nvimgcodec could not decode an image of the batch")
-        # HWC device images; their memory belongs to nvimgcodec until copied, so copy here.
-        return [torch.as_tensor(im, device=dev).permute(2, 0, 1).clone() for im in out]
+        images = []
+        for im in out:  # planar RGB on the device, owned by nvimgcodec: copy in our stream
+            t = torch.as_tensor(im, device=dev)
+            images.append((t if t.shape[0] == 3 else t.permute(2, 0, 1)).clone())
+        return images
     return decode
 
 
@@ -445,7 +450,8 @@ class GpuBatchPipeline:
 
     def _inline(self, stream):
         it = iter(self.batches)
-        pending = [self._submit(stream, raw) for raw, _ in zip(it, range(self.prefetch))]
+        # range first: zip stops on it without pulling (and losing) one more raw batch
+        pending = [self._submit(stream, raw) for _, raw in zip(range(self.prefetch), it)]
         while pending:
             x, y, event = pending.pop(0)
             nxt = next(it, None)
@@ -457,11 +463,13 @@ class GpuBatchPipeline:
         ready = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
         done = object()
+        # created here, in the caller's thread: a DataLoader forks its workers on iter()
+        it = iter(self.batches)
 
         def produce():
             try:
                 with torch.cuda.device(self.device):
-                    for raw in self.batches:
+                    for raw in it:
                         if stop.is_set():
                             return
                         ready.put(self._submit(stream, raw))
