@@ -15,7 +15,10 @@ An image whose short side is below the crop size is first enlarged so that the c
 Prints the top-k classes per image (wnid, name, probability); `--json` prints one JSON document
 instead: [{"path", "top": [{"wnid", "name", "index", "prob"}]} or {"path", "error"}].
 A file that cannot be read is reported (stderr, or its "error" field) and the others are still
-predicted; the exit code is then 1.
+predicted; the exit code is then 1 (2: the checkpoint itself could not be loaded).
+
+Predictions from the resized files equal evaluation's; from original photos they differ only by
+the resize stage's JPEG encode, which --resize-quality replays.
 """
 import argparse
 import glob

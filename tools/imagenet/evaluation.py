@@ -72,9 +72,12 @@ def evaluate(model, batches, device, mean, std, amp_dtype=None, channels_last=Fa
     ten = False
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else None
     show = progress and (not _distributed() or dist.get_rank() == 0)
-    with torch.inference_mode():
-        for images, labels in tqdm(batches, desc="evaluate", unit="batch", file=sys.stderr,
-                                   disable=not show, leave=False):
+    # The val loader knows its sample count (this rank's share): the bar counts images.
+    bar = tqdm(total=getattr(batches, "num_samples", None), desc="evaluate", unit="img", file=sys.stderr,
+               disable=not show, leave=False)
+    with torch.inference_mode(), bar:
+        for images, labels in batches:
+            bar.update(labels.shape[0])
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True).long()
             crops = 0
