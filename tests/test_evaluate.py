@@ -5,6 +5,7 @@ The shared setup (also used by test_predict.py): the mini dataset resized by the
 into shards written here per the shard contract (36 val images in 5 val shards: an odd count, split
 unevenly over 2 ranks), and an alexnetowtbn trained on them for one epoch by tools.train.
 """
+import fcntl
 import hashlib
 import io
 import json
@@ -58,16 +59,24 @@ def write_shards(resized, out, train_shard_size=20, val_shard_size=VAL_SHARD_SIZ
 
 
 def trained_run(tmp_path_factory, mini_resized):
-    """(shards, run folder with model_001.pt): built once per session, whichever test file asks first."""
-    base = tmp_path_factory.getbasetemp() / "evaluate_setup"
+    """(shards, run folder with model_001.pt): built once per session, whichever test file asks
+    first, and once for all pytest-xdist workers (their temp folders share a parent; the mini
+    dataset is the same on every worker, generated from the same seed)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    base = root / "evaluate_setup"
     shards, run = base / "shards", base / "run"
-    if not (base / "done").exists():
-        shutil.rmtree(base, ignore_errors=True)
-        write_shards(mini_resized, shards)
-        run_tool("train", "--shards", shards, "--out", run, "--arch", "alexnetowtbn", "--device", "cpu",
-                 "--crop-size", 64, "--resize-size", 72, "--epochs", 1, "--batch-size", 16, "--workers", 0,
-                 "--schedule", "step", "--lr", 0.1, "--seed", 0, "--log-every", 100)
-        (base / "done").touch()
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "evaluate_setup.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (base / "done").exists():
+            shutil.rmtree(base, ignore_errors=True)
+            write_shards(mini_resized, shards)
+            run_tool("train", "--shards", shards, "--out", run, "--arch", "alexnetowtbn", "--device", "cpu",
+                     "--crop-size", 64, "--resize-size", 72, "--epochs", 1, "--batch-size", 16, "--workers", 0,
+                     "--schedule", "step", "--lr", 0.1, "--seed", 0, "--log-every", 100)
+            (base / "done").touch()
     return shards, run
 
 
@@ -138,10 +147,11 @@ def _numbers(doc):
 
 def test_one_and_two_processes_agree(prepared, tmp_path, capsys):
     shards, run = prepared
+    out1 = tmp_path / "eval1.json"
     assert E.main(["--run", str(run), "--shards", str(shards), "--workers", "0", "--batch-size", "5",
-                   "--device", "cpu"]) == 0
+                   "--device", "cpu", "--output", str(out1)]) == 0
     summary = capsys.readouterr().out
-    one = json.loads((run / "eval.json").read_text())
+    one = json.loads(out1.read_text())
     # torchrun itself: two CPU processes over gloo; the 5 val shards split 3 (20 images) / 2 (16).
     out2 = tmp_path / "eval2.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
