@@ -6,7 +6,7 @@
 Targets: prepare (all shards), train_alexnet, train_overfeat, evaluate_alexnet, evaluate_overfeat, all.
 Settings: config.yaml (validated against workflow/schemas/config.schema.yaml); rules: workflow/rules/.
 """
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.0")
 
@@ -14,10 +14,7 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
-
-
-include: "workflow/rules/common.smk"
+include: "workflow/rules/common.smk"  # validates the config first
 include: "workflow/rules/mini.smk"
 include: "workflow/rules/extract.smk"
 include: "workflow/rules/resize.smk"

@@ -3,7 +3,29 @@
 import sys
 from pathlib import Path
 
+import yaml
 from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+
+def typed_leaves(value):
+    """`--config resize='{short_side: 128}'` arrives with string leaves ('128'): read them as YAML
+    scalars, so nested overrides on the command line validate like the config file."""
+    if isinstance(value, dict):
+        return {k: typed_leaves(v) for k, v in value.items()}
+    if isinstance(value, str):
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+        return parsed if isinstance(parsed, (bool, int, float)) else value
+    return value
+
+
+for _key, _value in list(config.items()):
+    if isinstance(_value, dict):
+        config[_key] = typed_leaves(_value)
+validate(config, "../schemas/config.schema.yaml")
 
 RAW = Path(config["raw_dir"])
 WORK = Path(config["work_dir"])
