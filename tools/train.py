@@ -60,7 +60,7 @@ def parse_args(argv=None):
       help="weight initialisation")
     a("--epochs", type=int, default=55, help="train until this epoch (1-based, inclusive)")
     a("--batch-size", type=int, default=128, help="GLOBAL batch size, divided over the ranks")
-    a("--epoch-size", type=int, default=None, help="cap on batches per epoch (default: the "
+    a("--epoch-size", type=int, default=None, help="cap on batches per epoch (unset or 0: the "
       "train set once, floor(train images / batch size))")
     a("--val-batch-size", type=int, default=None, help="val batch per rank (default: the "
       "per-rank train batch)")
@@ -97,7 +97,8 @@ def parse_args(argv=None):
       help="cudnn: cuDNN with autotuning; native: cuDNN off (the seed's cunn)")
     a("--deterministic", action="store_true", help="deterministic algorithms, no autotuning "
       "(for tests and exact resumes)")
-    a("--log-every", type=int, default=50, help="log line and metrics record every N iterations")
+    a("--log-every", type=int, default=50, help="log line and metrics record every N iterations (also "
+      "where DDP ranks check for NaN and SIGTERM)")
     a("--keep-checkpoints", type=int, default=0, help="keep only the newest K model_NNN.pt "
       "(0: keep all)")
     a("--resume", action="store_true", help="continue from the newest model_NNN.pt in --out "
@@ -217,7 +218,7 @@ def train_epoch(epoch, model, optimizer, schedule, loader, device, mean, std, ar
     interval = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top1, top5, count, stop
     total = torch.zeros(4, dtype=torch.float64)
     t_epoch = t_interval = time.perf_counter()
-    data_wait, it_start, steps = 0.0, 1, 0
+    data_wait, it_start, steps, seen = 0.0, 1, 0, 0
     bar = tqdm(total=n, desc=f"epoch {epoch}", disable=rank != 0, leave=False, file=sys.stderr)
     t_data = time.perf_counter()
     for it, (x, y) in enumerate(loader, 1):
@@ -233,12 +234,15 @@ def train_epoch(epoch, model, optimizer, schedule, loader, device, mean, std, ar
         optimizer.step()
         steps += 1
         top1, top5 = topk_correct(logits.detach(), y)
-        interval[:4] += torch.stack([loss.detach().double() * len(y), top1.double(),
-                                     top5.double(), torch.tensor(float(len(y)), device=device)])
+        # Accumulate on the device: no host sync per step (a new device tensor would be one).
+        interval[:3] += torch.stack([loss.detach().double() * len(y), top1.double(), top5.double()])
+        seen += len(y)
         bar.update()
-        if it % args.log_every == 0 or it == n or stop.set:
+        # Under DDP the ranks sync only at agreed iterations (a rank entering a collective early
+        # would deadlock), so SIGTERM takes effect at the next log boundary there.
+        if it % args.log_every == 0 or it == n or (world == 1 and stop.set):
             # One collective per interval: global metrics, and every rank agrees on NaN/stop.
-            interval[4] = float(stop.set)
+            interval[3], interval[4] = float(seen), float(stop.set)
             loss_sum, c1, c5, count, stopping = all_reduce(interval).tolist()
             if not math.isfinite(loss_sum):
                 bar.close()
@@ -260,6 +264,7 @@ def train_epoch(epoch, model, optimizer, schedule, loader, device, mean, std, ar
                 bar.close()
                 return None
             interval.zero_()
+            seen = 0
             t_interval, data_wait, it_start = time.perf_counter(), 0.0, it + 1
         t_data = time.perf_counter()
     bar.close()
