@@ -318,7 +318,7 @@ def parse_args(argv=None):
     p.add_argument("--short-side", type=int, default=256,
                    help="length of the short side after resizing, in pixels; smaller images keep their size "
                         "(default: 256)")
-    p.add_argument("--quality", type=int, default=90, help="JPEG quality of the output, 1-95 (default: 90)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality of the output, 1-100 (default: 90)")
     p.add_argument("--resampler", choices=RESAMPLERS, default="torch",
                    help="implementation of the antialiased bicubic filter: torch (about 4x faster) or pillow; "
                         "pixels agree within +-1 (default: torch)")
