@@ -225,6 +225,10 @@ def measure(source, step, warmup, steps, repeats, to_device=None):
         return statistics.median(rates), rates
     finally:
         del it
+        stats = getattr(source, "stats", None)
+        if stats and stats["batches"]:
+            per = {k: round(v / stats["batches"] * 1000, 2) for k, v in stats.items() if k != "batches"}
+            print(f"  producer host ms per batch: {per}", file=sys.stderr, flush=True)
 
 
 def uint8_to_gpu(x, y):
@@ -306,7 +310,8 @@ def parse_args(argv=None):
     p.add_argument("--hybrid-fraction", type=float, default=0.25,
                    help="share of each batch the workers decode in the hybrid path e (default 0.25)")
     p.add_argument("--steps", type=int, default=20, help="steps per timed window (default 20)")
-    p.add_argument("--warmup", type=int, default=8, help="untimed steps first (default 8)")
+    p.add_argument("--warmup", type=int, default=8,
+                   help="untimed steps first (default 8; raised to 4 x workers + 4 for loader paths)")
     p.add_argument("--repeats", type=int, default=3, help="timed windows; the median is reported (default 3)")
     p.add_argument("--models", default="alexnetowtbn+compile,alexnetowtbn,resnet50",
                    help="comma list; '+compile' wraps the model in torch.compile")
@@ -325,7 +330,7 @@ def main(argv=None) -> int:
     shard_size = max(64, args.images // max(4 * args.workers, 16))
     src, shards = make_dataset(work, args.images, args.classes, args.workers, shard_size)
     paths = set(args.paths.split(","))
-    total = args.warmup + args.steps * args.repeats + 2
+    total = max(args.warmup, 4 * args.workers + 4) + args.steps * args.repeats + 2
     rows = []
 
     def record(model, path, rate, rates, ceiling=None):
@@ -339,9 +344,14 @@ def main(argv=None) -> int:
     timing = (args.warmup, args.steps, args.repeats)
 
     def run(model, path, make_source, step, to_device=None, ceiling=None):
-        """One measurement; a failure is reported and recorded, the others still run."""
+        """One measurement; a failure is reported and recorded, the others still run.
+        The warm-up is at least the batches the workers can hold ready (workers x prefetch 4), so
+        the timed windows measure the steady rate, not a buffer filled while nothing was timed."""
+        workers = {"b": W, "c": W, "d": args.raw_workers, "e": HW, "f": args.raw_workers}.get(path[0], 0)
+        warm = max(args.warmup, 4 * workers + 4)
         try:
-            record(model, path, *measure(make_source(), step, *timing, to_device=to_device), ceiling)
+            record(model, path, *measure(make_source(), step, warm, args.steps, args.repeats,
+                                         to_device=to_device), ceiling)
         except Exception as exc:
             print(f"{model:24s} {path:16s} FAILED: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
             rows.append({"model": model, "path": path, "images_per_s": float("nan"), "windows": [],

@@ -234,6 +234,7 @@ def test_pipeline_drops_and_reports_bad_images_keeping_labels_aligned():
     (x, y), = list(pipe)
     assert y.tolist() == [0, 1, 2, 4] and x.shape == (4, 3, 64, 64)
     assert seen == ["k3"] and pipe.failures[0][0] == "k3"
+    assert pipe.stats["batches"] == 1 and pipe.stats["decode_s"] > 0
     dominant = x.float().mean((2, 3)).argmax(1).tolist()
     assert dominant[:3] == [0, 1, 2]  # red, green, blue images kept with their labels
 

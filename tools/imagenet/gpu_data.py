@@ -36,6 +36,7 @@ import io
 import math
 import queue
 import threading
+import time
 import warnings
 
 import numpy as np
@@ -396,6 +397,9 @@ class GpuBatchPipeline:
         self.prefetch, self.threaded, self.decoder = max(1, prefetch), threaded, decoder
         self.on_failure = on_failure or (lambda key, reason: warnings.warn(f"dropped {key}: {reason}"))
         self.failures = []
+        # host seconds spent per stage by whoever prepares batches (enqueue time, not GPU time):
+        # tells which part of the producer limits the rate
+        self.stats = {"batches": 0, "fetch_s": 0.0, "decode_s": 0.0, "augment_s": 0.0}
 
     def __len__(self):
         return len(self.batches)
@@ -404,12 +408,16 @@ class GpuBatchPipeline:
         """One raw batch -> (x, y) on the device, in the current stream."""
         blobs, labels, keys, pre, pre_labels = _fields(raw)
         parts_x, parts_y = [], []
+        t0 = time.perf_counter()
         if blobs:
             images, failures = decode_jpegs(blobs, self.device, keys, self.decoder)
             for key, reason in failures:
                 self.failures.append((key, reason))
                 self.on_failure(key, reason)
             keep = [i for i, im in enumerate(images) if im is not None]
+            t1 = time.perf_counter()
+            self.stats["decode_s"] += t1 - t0
+            t0 = t1
             if keep:
                 parts_x.append(self.augment([images[i] for i in keep]))
                 parts_y.append(labels[keep])
@@ -420,11 +428,20 @@ class GpuBatchPipeline:
             raise ValueError("a batch with no decodable image: see the failures reported above")
         x = parts_x[0] if len(parts_x) == 1 else torch.cat(parts_x)
         y = torch.cat(parts_y).to(self.device, non_blocking=True)
+        self.stats["augment_s"] += time.perf_counter() - t0
+        self.stats["batches"] += 1
         return x, y
+
+    def _fetch(self, it):
+        t0 = time.perf_counter()
+        raw = next(it, None)
+        self.stats["fetch_s"] += time.perf_counter() - t0
+        return raw
 
     def __iter__(self):
         if self.device.type != "cuda":
-            for raw in self.batches:
+            it = iter(self.batches)
+            while (raw := self._fetch(it)) is not None:
                 yield self.process(raw)
             return
         stream = torch.cuda.Stream(self.device)
@@ -454,7 +471,7 @@ class GpuBatchPipeline:
         pending = [self._submit(stream, raw) for _, raw in zip(range(self.prefetch), it)]
         while pending:
             x, y, event = pending.pop(0)
-            nxt = next(it, None)
+            nxt = self._fetch(it)
             if nxt is not None:
                 pending.append(self._submit(stream, nxt))
             yield self._hand_over(x, y, event)
@@ -469,7 +486,7 @@ class GpuBatchPipeline:
         def produce():
             try:
                 with torch.cuda.device(self.device):
-                    for raw in it:
+                    while (raw := self._fetch(it)) is not None:
                         if stop.is_set():
                             return
                         ready.put(self._submit(stream, raw))
