@@ -6,16 +6,21 @@ Usage:
     python -m tools.train --shards W/shards --out W/runs/tiny --arch alexnetowtbn --device cpu \\
         --crop-size 64 --epochs 2 --epoch-size 5
     torchrun ... -m tools.train ... --resume          # continue from the newest model_NNN.pt
+    torchrun --nproc-per-node 8 -m tools.train ... --parallel owt   # one weird trick
 
 One process per GPU (torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; multi-node through torchrun's
 rendezvous, with --out on a filesystem all nodes share). --batch-size is the GLOBAL batch, split
 evenly over the ranks; the seed's LRs are for a global batch of 128 and are scaled linearly
 (--lr-scaling). SIGTERM stops after the current step (exit code 143); --resume then restarts the
-interrupted epoch from the last checkpoint. A NaN/inf loss stops the run (exit code 1). Every epoch ends with a validation
-over all val images (each counted once across ranks), a checkpoint model_NNN.pt, metrics.jsonl,
-train.log / test.log and curves.png in --out; final.json marks a finished run.
+interrupted epoch from the last checkpoint. A NaN/inf loss stops the run (exit code 1). Every epoch
+ends with a validation over all val images (each counted once across ranks), a checkpoint
+model_NNN.pt, metrics.jsonl, train.log / test.log and curves.png in --out; final.json marks a
+finished run. --parallel owt (Krizhevsky's one weird trick, tools/imagenet/owt.py) keeps the conv
+trunk data parallel and splits the classifier's neurons over the ranks; checkpoints have the plain
+model's layout in both modes, so a run resumes under either.
 """
 import argparse
+import copy
 import math
 import os
 import platform
@@ -39,6 +44,7 @@ from tools.imagenet.loader import (IMAGENET_MEAN, IMAGENET_STD, batches_per_epoc
                                    read_manifest, train_loader, val_loader)
 from tools.imagenet.logging_utils import MetricsLog, format_line, plot_curves, write_epoch_logs
 from tools.imagenet.models import build_model
+from tools.imagenet.owt import OWTModel, wrap_owt
 from tools.imagenet.schedule import Schedule
 
 INTERRUPTED = 143  # 128 + SIGTERM, what a preempted job reports
@@ -89,7 +95,9 @@ def parse_args(argv=None):
     a("--momentum", type=float, default=0.9, help="SGD momentum")
     a("--seed", type=int, default=0, help="seeds the weights, shard order, crops and dropout")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if present")
-    a("--parallel", default="ddp", choices=["ddp"], help="data parallel over the ranks")
+    a("--parallel", default="ddp", choices=["ddp", "owt"], help="ddp: data parallel over the "
+      "ranks; owt: data-parallel conv trunk, classifier neurons split over the ranks (one weird "
+      "trick; archs with .features/.avgpool/.classifier, e.g. the seed's); one process: the same")
     a("--amp", default="none", choices=["bf16", "none"], help="autocast to bfloat16")
     a("--channels-last", action="store_true", help="NHWC memory format for model and input")
     a("--compile", action="store_true", help="torch.compile the model")
@@ -285,12 +293,48 @@ def sync_buffers(model):
             dist.broadcast(b, 0)
 
 
-def checkpoint_dict(model, optimizer, schedule, args, manifest, mean, std, epoch, metrics):
-    return {"model": model.state_dict(), "arch": args.arch,
+def parallelize(raw, args, world, device):
+    """(the module the training step calls, a plain module on `device` to validate).
+
+    Validation needs a module without collectives: ranks see different numbers of val batches."""
+    if args.parallel == "owt" and world > 1:
+        val_model = copy.deepcopy(raw).to(device)  # gets the gathered weights before validating
+        if args.compile:
+            raw.features.compile()  # the trunk only: owt's collectives stay outside the graph
+        try:
+            return wrap_owt(raw, device=device, even_batches=True), val_model
+        except ValueError as exc:
+            raise SystemExit(f"error: --parallel owt: {exc}; use --parallel ddp") from None
+    raw.to(device)
+    fwd = torch.compile(raw) if args.compile else raw
+    if world == 1:
+        return fwd, fwd
+    return DDP(fwd, device_ids=[device.index] if device.type == "cuda" else None), fwd
+
+
+def plain_state(model, raw, optimizer):
+    """(model, optimizer) state_dicts in the plain model's layout, with every rank holding rank
+    0's BatchNorm statistics. Collective: every rank calls it."""
+    if isinstance(model, OWTModel):
+        return model.full_state_dict(), model.full_optimizer_state(optimizer)
+    sync_buffers(raw)
+    return raw.state_dict(), optimizer.state_dict()
+
+
+def load_optimizer(model, optimizer, state):
+    if isinstance(model, OWTModel):
+        model.load_full_optimizer_state(optimizer, state)
+    else:
+        optimizer.load_state_dict(state)
+
+
+def checkpoint_dict(model_state, optimizer_state, schedule, args, manifest, mean, std, epoch,
+                    metrics):
+    return {"model": model_state, "arch": args.arch,
             "num_classes": manifest["num_classes"], "classes": manifest["classes"],
             "mean": list(mean), "std": list(std), "crop_size": args.crop_size,
             "resize_size": manifest.get("resize_size", args.resize_size), "epoch": epoch,
-            "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
+            "optimizer": optimizer_state, "scheduler": schedule.state_dict(),
             "rng": ckpt.rng_state(), "settings": settings_of(args), "metrics": metrics}
 
 
@@ -313,10 +357,13 @@ def train(args, rank, world, device, stop):
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     configure_backends(args, device)
     seed_all(args.seed)  # identical initial weights on every rank
-    raw = build_model(args.arch, manifest["num_classes"], args.init).to(device)
+    # On the CPU: under owt only this rank's slice of the classifier goes to the device.
+    raw = build_model(args.arch, manifest["num_classes"], args.init)
+    if args.parallel == "owt" and not all(hasattr(raw, a) for a in ("features", "classifier")):
+        raise SystemExit(f"error: --parallel owt splits a model's .classifier (alexnet, alexnetowt, "
+                         f"alexnetowtbn, overfeat); {args.arch} has none: use --parallel ddp")
     if args.channels_last:
         raw = raw.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(raw.parameters(), lr=args.lr, momentum=args.momentum)
     schedule = Schedule(args.schedule, lr=args.lr, weight_decay=args.weight_decay,
                         step_epochs=args.lr_step_epochs, gamma=args.lr_gamma,
                         warmup_epochs=args.warmup_epochs, epochs=args.epochs,
@@ -331,33 +378,36 @@ def train(args, rank, world, device, stop):
     if found is not None and not args.resume:
         raise SystemExit(f"error: {out} already holds checkpoints ({found.name}); pass --resume "
                          f"to continue or choose another --out")
-    start = 1
+    start, state = 1, None
     if args.resume and found is not None:
         state = ckpt.load(found)
-        raw.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        raw.load_state_dict(state["model"])  # the plain layout, whichever mode saved it
+    model, val_model = parallelize(raw, args, world, device)
+    # After wrapping: under owt the optimizer holds this rank's classifier slices.
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+    if state is not None:
+        load_optimizer(model, optimizer, state["optimizer"])
         schedule.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
         start = state["epoch"] + 1
         if rank == 0:
-            print(f"resuming from {found} (epoch {state['epoch']})", flush=True)
+            print(f"resuming from {found} (epoch {state['epoch']}, saved under --parallel "
+                  f"{state['settings'].get('parallel', 'ddp')})", flush=True)
+        del state
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         log.truncate(start - 1)
         fsutil.write_json_atomic(out / "settings.json", {"settings": settings_of(args),
                                                          "versions": versions(world, device)})
 
-    fwd = torch.compile(raw) if args.compile else raw
-    model = DDP(fwd, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else fwd
     amp_dtype = torch.bfloat16 if args.amp == "bf16" else None
     local_batch = args.batch_size // world
     val = val_loader(args.shards, args.val_batch_size or local_batch, rank, world, args.workers,
                      args.crop_size)
     if rank == 0:
         n = batches_per_epoch(manifest["num_samples"], args.batch_size, args.epoch_size)
-        print(f"{args.arch}: {world} rank(s) on {device.type}, global batch {args.batch_size}, "
-              f"{n} iterations/epoch, epochs {start}-{args.epochs}", flush=True)
+        print(f"{args.arch}: {world} rank(s) on {device.type} ({args.parallel}), global batch "
+              f"{args.batch_size}, {n} iterations/epoch, epochs {start}-{args.epochs}", flush=True)
 
     metrics = None
     for epoch in range(start, args.epochs + 1):
@@ -372,8 +422,10 @@ def train(args, rank, world, device, stop):
                 print(f"interrupted in epoch {epoch}; resume with --resume (restarts epoch "
                       f"{epoch})", file=sys.stderr, flush=True)
             return INTERRUPTED
-        sync_buffers(raw)
-        v = run_validation(fwd, val, device, mean, std, amp_dtype, args.channels_last)
+        model_state, optimizer_state = plain_state(model, raw, optimizer)
+        if isinstance(model, OWTModel):
+            val_model.load_state_dict(model_state)
+        v = run_validation(val_model, val, device, mean, std, amp_dtype, args.channels_last)
         counts = torch.zeros(world, dtype=torch.float64, device=device)
         counts[rank] = val.num_samples
         metrics = {"kind": "epoch", "epoch": epoch, **train_metrics, "val_loss": v["loss"],
@@ -382,8 +434,8 @@ def train(args, rank, world, device, stop):
                    "val_count_per_rank": [int(c) for c in all_reduce(counts).tolist()]}
         if rank == 0:
             path = ckpt.checkpoint_path(out, epoch)
-            ckpt.save(path, checkpoint_dict(raw, optimizer, schedule, args, manifest, mean, std,
-                                            epoch, metrics))
+            ckpt.save(path, checkpoint_dict(model_state, optimizer_state, schedule, args, manifest,
+                                            mean, std, epoch, metrics))
             ckpt.prune(out, args.keep_checkpoints)
             log.write(metrics)
             write_epoch_logs(out, log.records())
