@@ -1,7 +1,7 @@
 """ImageNet pipeline: raw ILSVRC2012 archives -> extract -> resize -> shard -> train -> evaluate.
 
     snakemake --cores 16 train_alexnet
-    snakemake --cores 2 --configfile workflow/mini.yaml train_alexnet    # built-in mini dataset
+    snakemake --cores 2 train_alexnet --configfile workflow/mini.yaml    # built-in mini dataset
 
 Targets: prepare (all shards), train_alexnet, train_overfeat, evaluate_alexnet, evaluate_overfeat, all.
 Settings: config.yaml (validated against workflow/schemas/config.schema.yaml); rules: workflow/rules/.

@@ -117,3 +117,27 @@ def test_killed_stage_reruns_to_complete_correct_outputs(project, tmp_path_facto
     snakemake(reference, "prepare", config=MINI_ARGS)
     for name in ["train.json", "val.json"]:
         assert (project / "work/shards" / name).read_bytes() == (reference / "work/shards" / name).read_bytes()
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_alexnet_end_to_end_learns(project):
+    """`snakemake train_alexnet evaluate_alexnet` on the mini dataset, on the CPU: the seed's default
+    network (alexnetowtbn) at 64-px crops ends far below chance (75 % top-1 error for 4 classes)."""
+    train = ["train={device: cpu, workers: 1, batch_size: 16, epochs: 4, crop_size: 64, schedule: cosine,"
+             " lr: 0.02, log_every: 5, amp: none, channels_last: false}",
+             "evaluate={batch_size: 32, workers: 0}"]
+    config = ["mini={classes: 4, train_per_class: 30, val_per_class: 8, quirks: true, seed: 0}"] + MINI_ARGS[1:] + train
+    snakemake(project, "train_alexnet", "evaluate_alexnet", config=config)
+    run = project / "work/runs/alexnet"
+    final = json.loads((run / "final.json").read_text())
+    evaluation = json.loads((run / "eval.json").read_text())
+    assert (run / "curves.png").stat().st_size > 0 and (run / "model_004.pt").exists()
+    assert evaluation["count"] == 4 * 8
+    assert evaluation["top1_error"] < 35.0, evaluation
+    assert evaluation["top1_error"] == pytest.approx(final["val_top1_err"], abs=1e-6)
+
+    assert planned_jobs(project, "evaluate_alexnet", config) == {}
+    time.sleep(1.1)
+    train_py = project / "tools/train.py"
+    train_py.write_text(train_py.read_text() + "\n# an edit\n")
+    assert planned_jobs(project, "evaluate_alexnet", config) == {"train": 1, "evaluate": 1, "evaluate_alexnet": 1}

@@ -34,14 +34,29 @@ MODELS = ["alexnet", "overfeat"]
 PY = sys.executable
 MINI = config.get("mini", {}).get("classes", 0) > 0
 
-# Shared modules imported by every stage tool.
-COMMON_SOURCES = ["tools/__init__.py", "tools/imagenet/__init__.py", "tools/imagenet/fsutil.py",
-                  "tools/imagenet/classes.py"]
+def sources(module):
+    """Source files of tools.<module> and of every tools.* module it imports, directly or not, so
+    that editing any of them reruns the stage (a tool run from shell: is not tracked as code)."""
+    import ast
 
-
-def sources(*modules):
-    """Source files of tools.<module> for each module, plus the shared modules they all import."""
-    return [f"tools/{m.replace('.', '/')}.py" for m in modules] + COMMON_SOURCES
+    files, seen, todo = set(), set(), [f"tools.{module}"]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # the packages' __init__.py
+        path = next((p for p in (Path(*parts).with_suffix(".py"), Path(*parts, "__init__.py")) if p.exists()), None)
+        if path is None:  # a name imported from a module, not a module
+            continue
+        files.add(str(path))
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                todo += [a.name for a in node.names if a.name.startswith("tools")]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tools"):
+                todo += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+    return sorted(files)
 
 
 def raw_archive(name):

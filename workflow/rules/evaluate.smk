@@ -3,8 +3,7 @@ rule evaluate:
     input:
         run=WORK / "runs/{model}/final.json",
         shards=WORK / "shards",
-        code=sources("evaluate", "imagenet.evaluation", "imagenet.loader", "imagenet.models",
-                     "imagenet.preprocess"),
+        code=sources("evaluate"),
     output:
         WORK / "runs/{model}/eval.json",
     wildcard_constraints:
@@ -16,5 +15,5 @@ rule evaluate:
         batch_size=config["evaluate"].get("batch_size", 256),
         workers=config["evaluate"].get("workers", 8),
     shell:
-        "{PY} -m tools.evaluate --run {params.run_dir} --shards {input.shards} --output {output}"
+        "{PY} -m tools.evaluate --run-dir {params.run_dir} --shards {input.shards} --output {output}"
         " --device {params.device} --batch-size {params.batch_size} --workers {params.workers} {params.ten_crop}"
