@@ -130,10 +130,10 @@ def draw(rng, spec, height, width):
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def random_size(rng):
-    """(height, width): sides 80..400 with aspect ratios up to 2:1 either way."""
+def random_size(rng, min_side=80, max_side=400):
+    """(height, width): sides min_side..max_side with aspect ratios up to 2:1 either way."""
     while True:
-        h, w = (int(s) for s in rng.integers(80, 401, 2))
+        h, w = (int(s) for s in rng.integers(min_side, max_side + 1, 2))
         if max(h, w) <= 2 * min(h, w):
             return h, w
 
@@ -186,12 +186,15 @@ def tar_bytes(members):
     return buf.getvalue()
 
 
-def generate(out_dir, num_classes=10, train_per_class=40, val_per_class=10, quirks=False, seed=0) -> dict:
+def generate(out_dir, num_classes=10, train_per_class=40, val_per_class=10, quirks=False, seed=0,
+             min_side=80, max_side=400) -> dict:
     """Write the mini archives and labels into out_dir; return where everything is (see module doc)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if train_per_class < 1 or val_per_class < 1:
         raise ValueError("--train-per-class and --val-per-class must be at least 1")
+    if not 16 <= min_side <= max_side:
+        raise ValueError("need 16 <= --min-side <= --max-side")
     if quirks and (num_classes * train_per_class < len(TRAIN_QUIRKS)
                    or num_classes * val_per_class < len(VAL_QUIRKS)):
         raise ValueError(f"--quirks needs at least {len(TRAIN_QUIRKS)} train and {len(VAL_QUIRKS)} val samples")
@@ -208,7 +211,7 @@ def generate(out_dir, num_classes=10, train_per_class=40, val_per_class=10, quir
 
     def sample(k, j, quirk_slots):
         name, kind = quirk_slots.get((k, j), (None, "jpeg"))
-        h, w = random_size(rng)
+        h, w = random_size(rng, min_side, max_side)
         if kind == "exif" and h == w:
             w += 40  # a non-square image shows whether the rotation was applied
         if kind == "large":
@@ -280,9 +283,14 @@ def main(argv=None) -> int:
                    help="plant the real archives' oddities (CMYK, PNG as .JPEG, grayscale, palette/16-bit PNG, "
                         "EXIF rotation, a 4000x3000 image, a non-image file)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives byte-identical output")
+    p.add_argument("--min-side", type=int, default=80,
+                   help="smallest image side in pixels (default 80: many images under 256 test 'never enlarge')")
+    p.add_argument("--max-side", type=int, default=400,
+                   help="largest image side in pixels (e.g. --min-side 256 --max-side 500 for ImageNet-like sizes)")
     args = p.parse_args(argv)
     try:
-        info = generate(args.out, args.classes, args.train_per_class, args.val_per_class, args.quirks, args.seed)
+        info = generate(args.out, args.classes, args.train_per_class, args.val_per_class, args.quirks, args.seed,
+                        args.min_side, args.max_side)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
