@@ -23,15 +23,19 @@ Output is byte-identical for a given seed (fixed tar mtime/uid/gid/order, determ
 """
 import argparse
 import colorsys
+import contextlib
 import csv
 import io
 import json
+import multiprocessing
+import os
 import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from tools.imagenet.classes import class_names
 from tools.imagenet.fsutil import atomic_path
@@ -167,6 +171,18 @@ def encode(rng, pixels, kind):
     return buf.getvalue()
 
 
+def render(job):
+    """Bytes of one sample; job = (seed, split, class, index, kind, class spec, min side, max side)."""
+    seed, split, k, j, kind, spec, min_side, max_side = job
+    rng = np.random.default_rng([seed, split, k, j])
+    h, w = random_size(rng, min_side, max_side)
+    if kind == "exif" and h == w:
+        w += 40  # a non-square image shows whether the rotation was applied
+    if kind == "large":
+        h, w = 300, 400
+    return encode(rng, draw(rng, spec, h, w), kind)
+
+
 def _tarinfo(name, size):
     info = tarfile.TarInfo(name)
     info.size = size
@@ -187,7 +203,7 @@ def tar_bytes(members):
 
 
 def generate(out_dir, num_classes=10, train_per_class=40, val_per_class=10, quirks=False, seed=0,
-             min_side=80, max_side=400) -> dict:
+             min_side=80, max_side=400, workers=1) -> dict:
     """Write the mini archives and labels into out_dir; return where everything is (see module doc)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -209,48 +225,47 @@ def generate(out_dir, num_classes=10, train_per_class=40, val_per_class=10, quir
     val_slots = slots(VAL_QUIRKS) if quirks else {}
     found = {}
 
-    def sample(k, j, quirk_slots):
-        name, kind = quirk_slots.get((k, j), (None, "jpeg"))
-        h, w = random_size(rng, min_side, max_side)
-        if kind == "exif" and h == w:
-            w += 40  # a non-square image shows whether the rotation was applied
-        if kind == "large":
-            h, w = 300, 400
-        return name, encode(rng, draw(rng, specs[k], h, w), kind)
+    # Each image draws from its own generator, so the output does not depend on how many processes render.
+    jobs, train_names = [], []
+    for k, wnid in enumerate(wnids):
+        numbers = sorted(int(n) for n in rng.choice(np.arange(1, 20000), train_per_class, replace=False))
+        for j, number in enumerate(numbers):
+            qname, kind = train_slots.get((k, j), (None, "jpeg"))
+            if qname:
+                found[qname] = f"train/{wnid}/{wnid}_{number}.JPEG"
+            jobs.append((seed, 0, k, j, kind, specs[k], min_side, max_side))
+            train_names.append((k, f"{wnid}_{number}.JPEG"))
+
+    # Val: balanced classes assigned to file numbers at random, tar member order shuffled too.
+    num_val = num_classes * val_per_class
+    val_class = [int(k) for k in rng.permutation(np.repeat(np.arange(num_classes), val_per_class))]
+    seen = [0] * num_classes
+    labels = []
+    for i, k in enumerate(val_class):
+        fname = f"ILSVRC2012_val_{i + 1:08d}.JPEG"
+        qname, kind = val_slots.get((k, seen[k]), (None, "jpeg"))
+        if qname:
+            found[qname] = f"val/{wnids[k]}/{fname}"
+        jobs.append((seed, 1, k, seen[k], kind, specs[k], min_side, max_side))
+        seen[k] += 1
+        labels.append((fname, wnids[k]))
+    order = rng.permutation(num_val)
+
+    with multiprocessing.get_context("fork").Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        rendered = (pool.imap if pool else map)(render, jobs, *([64] if pool else []))
+        images = list(tqdm(rendered, total=len(jobs), desc="make_mini", unit="img", disable=None))
 
     inner = []
     for k, wnid in enumerate(wnids):
-        numbers = sorted(int(n) for n in rng.choice(np.arange(1, 20000), train_per_class, replace=False))
-        members = []
-        for j, number in enumerate(numbers):
-            fname = f"{wnid}_{number}.JPEG"
-            qname, data = sample(k, j, train_slots)
-            if qname:
-                found[qname] = f"train/{wnid}/{fname}"
-            members.append((fname, data))
+        members = [(name, data) for (kk, name), data in zip(train_names, images) if kk == k]
         if quirks and k == 1 % num_classes:
             fname = f"{wnid}_{20000 + k}.JPEG"
             members.append((fname, NOT_AN_IMAGE))
             found["not_an_image"] = f"train/{wnid}/{fname}"
         members.sort(key=lambda m: m[0])
         inner.append((f"{wnid}.tar", tar_bytes(members)))
-
-    # Val: balanced classes assigned to file numbers at random, tar member order shuffled too.
-    num_val = num_classes * val_per_class
-    val_class = rng.permutation(np.repeat(np.arange(num_classes), val_per_class))
-    seen = [0] * num_classes
-    val_members, labels = [], []
-    for i, k in enumerate(val_class):
-        k = int(k)
-        fname = f"ILSVRC2012_val_{i + 1:08d}.JPEG"
-        qname, data = sample(k, seen[k], val_slots)
-        seen[k] += 1
-        if qname:
-            found[qname] = f"val/{wnids[k]}/{fname}"
-        val_members.append((fname, data))
-        labels.append((fname, wnids[k]))
-    order = rng.permutation(num_val)
-    val_members = [val_members[i] for i in order]
+    val_images = images[len(train_names):]
+    val_members = [(labels[i][0], val_images[i]) for i in order]
 
     train_tar, val_tar, labels_csv = out_dir / TRAIN_TAR, out_dir / VAL_TAR, out_dir / LABELS_CSV
     for path, data in ((train_tar, tar_bytes(inner)), (val_tar, tar_bytes(val_members))):
@@ -283,6 +298,8 @@ def main(argv=None) -> int:
                    help="plant the real archives' oddities (CMYK, PNG as .JPEG, grayscale, palette/16-bit PNG, "
                         "EXIF rotation, a 4000x3000 image, a non-image file)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives byte-identical output")
+    p.add_argument("--workers", type=int, default=os.cpu_count(),
+                   help="processes that render images (default: all cores); output does not depend on it")
     p.add_argument("--min-side", type=int, default=80,
                    help="smallest image side in pixels (default 80: many images under 256 test 'never enlarge')")
     p.add_argument("--max-side", type=int, default=400,
@@ -290,7 +307,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         info = generate(args.out, args.classes, args.train_per_class, args.val_per_class, args.quirks, args.seed,
-                        args.min_side, args.max_side)
+                        args.min_side, args.max_side, args.workers)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
