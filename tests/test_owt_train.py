@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests._shards import write_shards
-from tools import train
+from tools import evaluate, train
 from tools.imagenet import checkpoint as ckpt
 from tools.imagenet.models import build_model
 
@@ -46,14 +46,8 @@ def _epoch_records(out):
             if r["kind"] == "epoch"]
 
 
-def _params(state):
-    names = {n for n, _ in build_model(ARCH, 6).named_parameters()}
-    return {k: v for k, v in state["model"].items() if k in names}
-
-
-def _check_plain_layout(state):
+def _check_plain_layout(state, plain):
     """Full-size weights and SGD momentum buffers, as an optimizer over the plain model has them."""
-    plain = build_model(ARCH, state["num_classes"])
     shapes = [p.shape for p in plain.parameters()]
     assert {k: v.shape for k, v in state["model"].items()} == \
         {k: v.shape for k, v in plain.state_dict().items()}
@@ -68,19 +62,18 @@ def test_owt_checkpoint_evaluates_as_logged_and_resumes_across_modes(tmp_path):
     out = tmp_path / "run"
     assert "(owt)" in _torchrun(info["dir"], out, "owt", 1)
 
+    torch.manual_seed(0)  # what the runs start from (--seed 0) when nothing is loaded
+    plain = build_model(ARCH, 6)
     first = ckpt.load(out / "model_001.pt")
     assert first["settings"]["parallel"] == "owt"
-    _check_plain_layout(first)
+    _check_plain_layout(first, plain)
     (logged,) = _epoch_records(out)
     assert logged["val_count"] == 9 and logged["val_count_per_rank"] == [7, 2]
 
     # One process, the plain model, the saved weights: the numbers the 2-rank owt run logged.
-    cmd = [sys.executable, "-m", "tools.evaluate", "--checkpoint", str(out / "model_001.pt"),
-           "--shards", str(info["dir"]), "--device", "cpu", "--workers", "0", "--batch-size", "4",
-           "--output", str(tmp_path / "eval.json")]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert evaluate.main(["--checkpoint", str(out / "model_001.pt"), "--shards", str(info["dir"]),
+                          "--device", "cpu", "--workers", "0", "--batch-size", "4",
+                          "--output", str(tmp_path / "eval.json")]) == 0
     ev = json.loads((tmp_path / "eval.json").read_text())
     assert ev["count"] == 9
     assert abs(ev["loss"] - logged["val_loss"]) < 1e-5
@@ -92,16 +85,15 @@ def test_owt_checkpoint_evaluates_as_logged_and_resumes_across_modes(tmp_path):
     _torchrun(info["dir"], out, "ddp", 2, "--resume")
     second = ckpt.load(out / "model_002.pt")
     assert second["settings"]["parallel"] == "ddp"
-    _check_plain_layout(second)
+    _check_plain_layout(second, plain)
     _torchrun(info["dir"], out, "owt", 3, "--resume")
     third = ckpt.load(out / "model_003.pt")
     assert third["settings"]["parallel"] == "owt"
-    _check_plain_layout(third)
-    torch.manual_seed(0)  # what the runs start from (--seed 0) when nothing is loaded
-    initial = _params({"model": build_model(ARCH, 6).state_dict()})
-    for name, w in _params(first).items():
-        assert torch.equal(w, _params(second)[name]) and torch.equal(w, _params(third)[name]), name
-    assert not torch.equal(_params(first)["classifier.1.weight"], initial["classifier.1.weight"])
+    _check_plain_layout(third, plain)
+    for name, _ in plain.named_parameters():
+        w = first["model"][name]
+        assert torch.equal(w, second["model"][name]) and torch.equal(w, third["model"][name]), name
+    assert not torch.equal(first["model"]["classifier.1.weight"], plain.classifier[1].weight)
     assert [r["epoch"] for r in _epoch_records(out)] == [1, 2, 3]
 
 
