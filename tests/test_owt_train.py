@@ -1,5 +1,6 @@
-"""tools/train.py --parallel owt under torchrun (2 gloo ranks on the CPU): its checkpoint evaluates to
-the numbers the run logged, and runs resume across modes (owt -> ddp -> owt) from the plain layout."""
+"""tools/train.py --parallel owt under torchrun (2 gloo ranks on the CPU): its checkpoint
+evaluates to the numbers the run logged, and runs resume across modes (owt -> ddp -> owt) from the
+plain layout."""
 import json
 import os
 import socket

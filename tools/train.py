@@ -97,10 +97,12 @@ def parse_args(argv=None):
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if present")
     a("--parallel", default="ddp", choices=["ddp", "owt"], help="ddp: data parallel over the "
       "ranks; owt: data-parallel conv trunk, classifier neurons split over the ranks (one weird "
-      "trick; archs with .features/.avgpool/.classifier, e.g. the seed's); one process: the same")
+      "trick; archs with .features/.avgpool/.classifier, e.g. the seed's); on one process both "
+      "train the plain model")
     a("--amp", default="none", choices=["bf16", "none"], help="autocast to bfloat16")
     a("--channels-last", action="store_true", help="NHWC memory format for model and input")
-    a("--compile", action="store_true", help="torch.compile the model")
+    a("--compile", action="store_true", help="torch.compile the model (under --parallel owt "
+      "its .features only)")
     a("--backend", default="cudnn", choices=["cudnn", "native"],
       help="cudnn: cuDNN with autotuning; native: cuDNN off (the seed's cunn)")
     a("--deterministic", action="store_true", help="deterministic algorithms, no autotuning "
