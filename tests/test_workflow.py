@@ -141,3 +141,13 @@ def test_train_and_evaluate_alexnet_end_to_end_learns(project):
     train_py = project / "tools/train.py"
     train_py.write_text(train_py.read_text() + "\n# an edit\n")
     assert planned_jobs(project, "evaluate_alexnet", config) == {"train": 1, "evaluate": 1, "evaluate_alexnet": 1}
+
+
+@pytest.mark.slow
+def test_too_many_rejects_fail_resize_but_keep_the_list(project):
+    strict = MINI_ARGS[:1] + ["resize={short_side: 72, max_rejected_fraction: 0}"] + MINI_ARGS[2:]
+    proc = snakemake(project, "prepare", config=strict, check=False)
+    assert proc.returncode != 0 and "max-rejected-fraction" in proc.output
+    assert not (project / "work/resized").exists()
+    rows = (project / "work/rejected.tsv").read_text().splitlines()
+    assert rows[0] == "path\treason" and "n02110185_20001.JPEG" in rows[1]

@@ -1,0 +1,98 @@
+"""The GPU ceiling: train-step and inference images/s of a model on synthetic in-memory tensors.
+
+    python bench/ceiling.py --arch alexnetowtbn --batch 256                 # one GPU
+    torchrun --nproc-per-node 2 bench/ceiling.py --arch alexnetowtbn --batch 256   # DDP, per-GPU batch
+
+No data loading at all: what the loader-fed numbers of bench_e2e.py / bench_loader.py are compared
+with. bf16 autocast and channels_last as in training; prints one JSON line per measurement (rank 0).
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tools.imagenet.models import build_model  # noqa: E402
+
+
+def timed_rate(step, batch, warmup, steps, repeats):
+    """Median images/s over `repeats` windows of `steps` steps, after `warmup` steps."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    rates = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        rates.append(batch * steps / (time.perf_counter() - t))
+    return statistics.median(rates)
+
+
+def measure(arch, batch, crop=224, num_classes=1000, amp=True, channels_last=True, compile_model=False,
+            warmup=10, steps=30, repeats=3, world=1):
+    device = torch.device("cuda", torch.cuda.current_device())
+    torch.backends.cudnn.benchmark = True
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = build_model(arch, num_classes).to(device, memory_format=fmt)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if compile_model:
+        net = torch.compile(net)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+    gen = torch.Generator(device).manual_seed(0)
+    x = torch.randn(batch, 3, crop, crop, device=device, generator=gen).contiguous(memory_format=fmt)
+    y = torch.randint(0, num_classes, (batch,), device=device, generator=gen)
+
+    def train_step():
+        with torch.autocast("cuda", torch.bfloat16, enabled=amp):
+            loss = F.cross_entropy(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    @torch.no_grad()
+    def infer_step():
+        with torch.autocast("cuda", torch.bfloat16, enabled=amp):
+            model(x).argmax(1)
+
+    model.train()
+    train = timed_rate(train_step, batch * world, warmup, steps, repeats)
+    model.eval()
+    infer = timed_rate(infer_step, batch, warmup, steps, repeats)  # per GPU: eval has no collective
+    return {"arch": arch, "batch_per_gpu": batch, "gpus": world, "compile": compile_model,
+            "train_images_per_s": train, "infer_images_per_s_per_gpu": infer}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", action="append", help="model(s) to measure (repeatable; default alexnetowtbn)")
+    p.add_argument("--batch", type=int, default=256, help="batch per GPU (default 256)")
+    p.add_argument("--crop", type=int, default=224, help="input size (default 224)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model too")
+    p.add_argument("--steps", type=int, default=30, help="steps per timed window (default 30)")
+    p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    args = p.parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        dist.init_process_group("nccl")
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    for arch in args.arch or ["alexnetowtbn"]:
+        r = measure(arch, args.batch, args.crop, amp=not args.fp32, compile_model=args.compile,
+                    steps=args.steps, world=world)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(json.dumps(r), flush=True)
+    if world > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
