@@ -1,6 +1,13 @@
 """tools.imagenet.gpu_data on CPU tensors: crop geometry against torchvision's CPU transforms,
-exact pixels for the seed's crop, flips, normalisation, and the decode fallbacks."""
+exact pixels for the seed's crop, flips, normalisation, the decode fallbacks, the Triton crop kernel
+(interpreter) against the torch version, the threaded pipeline, and the GPU data path wired into
+the loader, training and evaluation (its code run on the CPU): same eval top-1 as the CPU path."""
 import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
 
 import numpy as np
 import pytest
@@ -9,7 +16,13 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
+from tests._shards import write_shards
+from tests.conftest import ROOT
+from tests.test_evaluate import trained_run
+from tools import evaluate as E
+from tools import train
 from tools.imagenet import gpu_data as gd
+from tools.imagenet import loader as L
 from tools.imagenet import preprocess
 
 DRAWS = 20_000
@@ -260,8 +273,8 @@ def test_nvimgcodec_backend_absent_or_callable():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("threaded", [True, False])
-def test_cuda_pipeline_matches_cpu(threaded):
+@pytest.mark.parametrize("threads", [2, 0])
+def test_cuda_pipeline_matches_cpu(threads):
     """On a GPU: nvJPEG + roi_align in the side stream give the CPU path's crops (same seed)."""
     blobs = [_encode(k, w=96 + 8 * i, h=80, color=(30 * i, 200 - 20 * i, 90))
              for i, k in enumerate(["jpeg", "gray", "jpeg", "cmyk", "png", "garbage", "jpeg"])]
@@ -269,10 +282,134 @@ def test_cuda_pipeline_matches_cpu(threaded):
     outs = {}
     for device in ("cpu", "cuda"):
         aug = gd.GpuAugment(64, mode="crop", seed=13)
-        pipe = gd.GpuBatchPipeline(raw, aug, device=device, threaded=threaded, on_failure=lambda k, r: None)
+        pipe = gd.GpuBatchPipeline(raw, aug, device=device, threads=threads, on_failure=lambda k, r: None)
         outs[device] = [(x.cpu(), y.cpu()) for x, y in pipe]
         assert [k for k, _ in pipe.failures] == ["k5"] * 3
     for (xc, yc), (xg, yg) in zip(outs["cpu"], outs["cuda"]):
         assert torch.equal(yc, yg) and yc.tolist() == [0, 1, 2, 3, 4, 6]
         # nvJPEG and libjpeg-turbo may differ by a level or two in their IDCT/upsampling
         assert (xc.float() - xg.float()).abs().mean() < 2.0
+
+
+# ------------------------------------------------------------------------------ crop kernel, threads
+
+TRITON_CHECK = """
+import torch
+from tools.imagenet import gpu_data as gd
+g = torch.Generator().manual_seed(0)
+images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+          for h, w in [(72, 96), (96, 72), (64, 64), (80, 130), (40, 50)]]
+for mode in ("crop", "rrc", "center"):
+    boxes = gd.GpuAugment(48, mode=mode, seed=3).boxes([im.shape[-2:] for im in images])
+    for mean, std in ((None, None), ([0.4, 0.5, 0.6], [0.2, 0.25, 0.3])):
+        a = gd.crop_batch(images, boxes, 48, mean, std, backend="torch")
+        b = gd.crop_batch(images, boxes, 48, mean, std, backend="triton")
+        assert a.dtype == b.dtype and a.shape == b.shape == (5, 3, 48, 48), (a.shape, b.shape)
+        assert b.is_contiguous(memory_format=torch.channels_last)
+        d = (a.float() - b.float()).abs()
+        if mean is None:  # unscaled boxes: the same pixels; the enlarged image may round apart
+            assert d[:4].max() == 0 if mode != "rrc" else d.max() <= 1, (mode, d.max())
+        else:
+            assert d.max() < 1e-4, (mode, d.max())
+print("ok")
+"""
+
+
+def test_triton_crop_kernel_matches_torch_version():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+def test_threaded_pipeline_keeps_order_and_crops():
+    g = torch.Generator().manual_seed(4)
+    raws = []
+    for b in range(7):
+        blobs = []
+        for i in range(5):
+            arr = torch.randint(0, 256, (60 + 4 * i + b, 70 + 3 * b, 3), dtype=torch.uint8, generator=g)
+            buf = io.BytesIO()
+            Image.fromarray(arr.numpy()).save(buf, "JPEG", quality=90)
+            blobs.append(buf.getvalue())
+        data, offsets = gd.pack_jpegs(blobs)
+        raws.append({"data": data, "offsets": offsets, "labels": torch.arange(5) + 10 * b})
+    outs = {}
+    for threads in (0, 3):
+        aug = gd.GpuAugment(48, mode="rrc", seed=5)
+        outs[threads] = list(gd.GpuBatchPipeline(raws, aug, device="cpu", threads=threads))
+    assert len(outs[0]) == len(outs[3]) == 7
+    for (x0, y0), (x3, y3) in zip(outs[0], outs[3]):
+        assert torch.equal(y0, y3) and torch.equal(x0, x3)
+    assert [y[0].item() for _, y in outs[3]] == [10 * b for b in range(7)]
+    assert not torch.equal(outs[0][0][0][0], outs[0][1][0][0])
+
+
+def test_threaded_pipeline_raises_a_producer_error():
+    def broken():
+        yield {"jpegs": [_encode("jpeg")], "labels": [0]}
+        raise OSError("shard unreadable")
+    pipe = gd.GpuBatchPipeline(broken(), gd.GpuAugment(16, mode="center"), device="cpu", threads=2)
+    with pytest.raises(OSError, match="shard unreadable"):
+        list(pipe)
+
+
+# ------------------------------------------------------------------------------ integration
+
+def test_loader_gpu_decode_hands_over_raw_batches(tmp_path):
+    info = write_shards(tmp_path / "shards", train_counts=[10, 7, 3], val_counts=[5, 4])
+    kw = dict(global_batch_size=8, epoch=1, seed=0, rank=0, world_size=1, workers=0, crop_size=64)
+    raw = list(L.train_loader(info["dir"], decode="gpu", **kw))
+    assert len(raw) == len(L.train_loader(info["dir"], **kw)) == 2
+    for r in raw:
+        assert set(r) == {"data", "offsets", "labels", "keys"} and r["data"].dtype == torch.uint8
+        assert len(r["keys"]) == len(r["labels"]) == len(r["offsets"]) - 1 == 8
+    hybrid = next(iter(L.train_loader(info["dir"], decode="gpu", cpu_fraction=0.25, **kw)))
+    assert hybrid["pre"].shape == (2, 3, 64, 64) and len(hybrid["keys"]) == 6
+    val = list(L.val_loader(info["dir"], 4, 0, 1, 2, 64, decode="gpu"))
+    assert sorted(k for r in val for k in r["keys"]) == sorted(info["val_keys"])
+    with pytest.raises(ValueError, match="ten-crop"):
+        L.val_loader(info["dir"], 4, 0, 1, 0, 64, ten_crop=True, decode="gpu")
+
+
+def test_eval_top1_same_with_cpu_and_gpu_decode(tmp_path_factory, mini_resized, tmp_path):
+    """A trained mini model scores the same on the val shards through either data path."""
+    shards, run = trained_run(tmp_path_factory, mini_resized)
+    docs = {}
+    for decode in ("cpu", "gpu"):
+        out = tmp_path / f"eval_{decode}.json"
+        assert E.main(["--run", str(run), "--shards", str(shards), "--device", "cpu", "--workers", "1",
+                       "--batch-size", "8", "--decode", decode, "--output", str(out)]) == 0
+        docs[decode] = json.loads(out.read_text())
+    cpu, gpu = docs["cpu"], docs["gpu"]
+    assert gpu["settings"]["decode"] == "gpu" and cpu["settings"]["decode"] == "cpu"
+    assert gpu["count"] == cpu["count"] > 0
+    assert gpu["correct1"] == cpu["correct1"] and gpu["correct5"] == cpu["correct5"]
+    assert gpu["top1_error"] == cpu["top1_error"]
+    assert gpu["loss"] == pytest.approx(cpu["loss"], rel=1e-3)
+
+
+def test_train_with_gpu_decode_reports_bad_samples(tmp_path):
+    info = write_shards(tmp_path / "shards", train_counts=[10, 7], val_counts=[5, 4])
+    # one val image replaced by bytes no decoder reads: reported, never silently dropped
+    path = info["dir"] / "val-000001.tar"
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    bad_key = members[0][0].name.split(".")[0]
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for m, data in members:
+            if m.name == f"{bad_key}.jpg":
+                data = b"not a jpeg at all"
+                m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    out = tmp_path / "run"
+    assert train.main(["--shards", str(info["dir"]), "--out", str(out), "--arch", "mobilenet_v3_small",
+                       "--crop-size", "64", "--batch-size", "8", "--epochs", "1", "--device", "cpu",
+                       "--workers", "1", "--decode", "gpu", "--cpu-fraction", "0.25",
+                       "--log-every", "1"]) == 0
+    rows = (out / "bad_samples.tsv").read_text().splitlines()
+    assert rows[0].split("\t")[:2] == ["key", "reason"]
+    assert len(rows) == 2 and rows[1].startswith(bad_key + "\t") and "cannot decode" in rows[1]
+    final = json.loads((out / "final.json").read_text())
+    assert final["val_count"] == info["val_total"] - 1 and final["steps_per_rank"] == [2]

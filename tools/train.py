@@ -18,6 +18,10 @@ model_NNN.pt, metrics.jsonl, train.log / test.log and curves.png in --out; final
 finished run. --parallel owt (Krizhevsky's one weird trick, tools/imagenet/owt.py) keeps the conv
 trunk data parallel and splits the classifier's neurons over the ranks; checkpoints have the plain
 model's layout in both modes, so a run resumes under either.
+--decode gpu (auto picks it where CUDA works): the loader workers only read the shards, and the
+JPEGs are decoded (nvJPEG) and cropped on the GPU in side streams while the previous step trains
+(tools.imagenet.gpu_data), validation too; --cpu-fraction of each batch is decoded by the workers
+(hybrid). An image nothing can decode is dropped from its batch and listed in bad_samples.tsv.
 """
 import argparse
 import copy
@@ -40,8 +44,9 @@ from tqdm import tqdm
 from tools.imagenet import checkpoint as ckpt
 from tools.imagenet import fsutil
 from tools.imagenet.evaluation import evaluate
+from tools.imagenet import gpu_data
 from tools.imagenet.loader import (IMAGENET_MEAN, IMAGENET_STD, batches_per_epoch, normalize,
-                                   read_manifest, train_loader, val_loader)
+                                   read_manifest, resolve_decode, train_loader, val_loader)
 from tools.imagenet.logging_utils import MetricsLog, format_line, plot_curves, write_epoch_logs
 from tools.imagenet.models import build_model
 from tools.imagenet.owt import OWTModel, wrap_owt
@@ -77,6 +82,14 @@ def parse_args(argv=None):
       "to (recorded in checkpoints for prediction)")
     a("--aug", default="crop", choices=["crop", "rrc"], help="crop: the seed's random crop + "
       "flip; rrc: RandomResizedCrop + flip")
+    a("--decode", default="auto", choices=["auto", "cpu", "gpu"], help="cpu: PIL decode + crop "
+      "in the loader workers; gpu: workers read bytes only, nvJPEG decode + crop kernel on the "
+      "device, overlapped with training (on a CPU device the same code runs on the CPU); auto: "
+      "gpu when CUDA works")
+    a("--cpu-fraction", type=float, default=0.0, help="--decode gpu: share of each batch the "
+      "workers decode and crop on the CPU (hybrid; raise it when the GPU decoder is the limit)")
+    a("--decode-threads", type=int, default=2, help="--decode gpu: host threads decoding and "
+      "cropping batches ahead, each with its own CUDA stream")
     a("--shuffle-buffer", type=int, default=1000, help="samples in each loader's shuffle buffer")
     a("--normalize", default="manifest", choices=["manifest", "imagenet"],
       help="mean/std from the train manifest or the usual ImageNet constants")
@@ -178,6 +191,8 @@ def topk_correct(logits, y):
 
 
 def prepare(x, device, mean, std, channels_last):
+    if x.is_floating_point():  # the GPU data path: already normalised, on the device
+        return x
     x = normalize(x.to(device, non_blocking=True), mean, std)
     return x.contiguous(memory_format=torch.channels_last if channels_last
                         else torch.contiguous_format)
@@ -404,8 +419,12 @@ def train(args, rank, world, device, stop):
 
     amp_dtype = torch.bfloat16 if args.amp == "bf16" else None
     local_batch = args.batch_size // world
+    decode = resolve_decode(args.decode) if device.type == "cuda" or args.decode != "auto" else "cpu"
+    bad_log = gpu_data.failure_log(out / "bad_samples.tsv", rank=rank)
     val = val_loader(args.shards, args.val_batch_size or local_batch, rank, world, args.workers,
-                     args.crop_size)
+                     args.crop_size, decode=decode)
+    if decode == "gpu":
+        val = gpu_data.val_pipeline(val, device, args.crop_size, mean, std, on_failure=bad_log)
     if rank == 0:
         n = batches_per_epoch(manifest["num_samples"], args.batch_size, args.epoch_size)
         print(f"{args.arch}: {world} rank(s) on {device.type} ({args.parallel}), global batch "
@@ -416,7 +435,14 @@ def train(args, rank, world, device, stop):
         seed_all(args.seed * 100003 + epoch * 1009 + rank)  # dropout etc.: depends on epoch only
         loader = train_loader(args.shards, args.batch_size, epoch, args.seed, rank, world,
                               args.workers, args.crop_size, args.aug, args.shuffle_buffer,
-                              args.epoch_size)
+                              args.epoch_size, decode=decode, cpu_fraction=args.cpu_fraction)
+        if decode == "gpu":  # crops seeded by seed, epoch and rank, like the CPU workers' crops
+            aug = gpu_data.GpuAugment(args.crop_size, mode=args.aug, mean=mean, std=std,
+                                      dtype=amp_dtype or torch.float32,
+                                      seed=args.seed * 100003 + epoch * 1009 + rank,
+                                      channels_last=args.channels_last)
+            loader = gpu_data.GpuBatchPipeline(loader, aug, device, threads=args.decode_threads,
+                                               on_failure=bad_log)
         train_metrics = train_epoch(epoch, model, optimizer, schedule, loader, device, mean, std,
                                     args, rank, world, stop, log)
         if train_metrics is None:

@@ -6,8 +6,9 @@ Usage:
     print(result["top1_error"], result["top5_error"], result["loss"], result["count"])
 
 `batches` yields (images, labels): images uint8 N x C x H x W (center crops) or N x 10 x C x H x W
-(ten crops), labels int64 N. Ten-crop scores are the average of the ten crops' softmax
-probabilities (the seed's 10-crop test averaged the crops' outputs); loss and top-k use that average.
+(ten crops), labels int64 N; or float center crops already normalised with mean/std (what
+tools.imagenet.gpu_data.GpuBatchPipeline makes), used as they are. Ten-crop scores are the average
+of the ten crops' softmax probabilities (the seed's 10-crop test averaged the crops' outputs); loss and top-k use that average.
 
 Under torch.distributed every count is summed over the ranks (all_reduce), so every rank returns the
 same numbers whichever way the val set was split. The loss is summed per sample in fixed point
@@ -85,7 +86,8 @@ def evaluate(model, batches, device, mean, std, amp_dtype=None, channels_last=Fa
                 crops = images.shape[1]
                 images = images.flatten(0, 1)
                 ten = True
-            x = normalize(images, mean, std)
+            # the GPU data path hands over crops already normalised (float) on the device
+            x = images if images.is_floating_point() else normalize(images, mean, std)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             if autocast is not None:

@@ -14,24 +14,27 @@ Pieces:
   content (CMYK, grayscale, PNG named .jpg ...) and a list of (key, reason) for what nothing decodes.
   On a CPU device everything runs on the CPU (libjpeg-turbo through torchvision, then PIL).
 - GpuAugment: crop parameters drawn on the CPU with a seeded torch.Generator, vectorised over the
-  batch (no per-image Python RNG calls); the crops themselves are ONE torchvision.ops.roi_align over
-  the zero-padded batch. The flip is part of the same call (a box whose x1 > x2 samples mirrored),
-  and a 4th "inside the image" channel renormalises the samples that would touch the padding, so
-  the result is the same as clamping at the image edge. With sampling_ratio 1 an unscaled crop
-  (the seed's 224 crop of a 256 image) copies exact pixels; scaled crops average
-  ceil(box side / crop) samples per output pixel in each direction (a box filter, like PIL's
-  antialiasing on downscale). Normalisation ((x/255 - mean)/std) writes channels_last output.
-- GpuBatchPipeline: a background thread decodes and crops batch i+1 in its own CUDA stream while
-  the training step of batch i runs; the consumer's stream waits on an event, and the tensors are
-  recorded on the consumer's stream so the caching allocator keeps them until they are used.
-  Hybrid mode: a batch may carry a CPU-decoded, already cropped uint8 part ("pre", "pre_labels"),
-  normalised on the GPU and concatenated.
+  batch (no per-image Python RNG calls). The crop reads the decoded images in place from one flat
+  buffer (one torch.cat, no padding): a Triton kernel on CUDA (crop_flat_triton), a dense
+  resampling-matrix version in torch elsewhere (crop_flat_torch; the same function). Each output
+  pixel averages ceil(box side / crop) x ... bilinear samples of its bin (roi_align(aligned=True)
+  geometry, per image and axis: a box filter when shrinking, like PIL's antialiasing), positions
+  clamped at the image edge; an unscaled crop (the seed's 224 of 256, the center crop) copies
+  exact pixels; a box with x1 > x2 is sampled mirrored (the flip). Normalisation is fused; the
+  output is channels_last.
+- GpuBatchPipeline: a fetch thread pulls raw batches, `threads` decode threads (own CUDA stream
+  each) decode and crop batches ahead while the training step runs; batches come out in order;
+  the consumer's stream waits on an event, and the tensors are recorded on the consumer's stream
+  so the caching allocator keeps them until they are used. Hybrid mode: a batch may carry a
+  CPU-decoded, already cropped uint8 part ("pre", "pre_labels"), normalised on the GPU and
+  concatenated.
 - nvimgcodec_decoder(): the nvImageCodec decoder (hardware JPEG engine where the GPU has one),
   used where `nvidia.nvimgcodec` imports; None otherwise.
 
 Images no decoder can read are dropped from their batch (it gets smaller) and reported through
 `on_failure(key, reason)` (default: a warning) and `GpuBatchPipeline.failures`; never silently.
 """
+import contextlib
 import io
 import math
 import queue
@@ -42,7 +45,6 @@ import warnings
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.ops import roi_align
 
 from torchvision.io import ImageReadMode
 from torchvision.io import decode_jpeg as _tv_decode_jpeg
@@ -274,53 +276,214 @@ def flip_boxes(boxes, gen, p=0.5):
 
 
 # ---------------------------------------------------------------------------------------- crop
+# The crop reads every decoded image in place from ONE flat buffer (the images concatenated, one
+# torch.cat): no padded batch, no per-image copy loop. Each output pixel averages sy x sx bilinear
+# samples spread over its bin of the box (sy = ceil(box height / crop), per image and axis, as
+# roi_align(aligned=True, sampling_ratio=0) does), sample positions clamped to the image (edge
+# replication). An unscaled box (the seed's crop, the center crop) samples pixel centres exactly,
+# so it copies pixels; a box with x1 > x2 is sampled right to left (the flip).
 
-def pad_batch(images, dtype=torch.float32):
-    """list of 3 x h_i x w_i uint8 -> (N, 4, Hmax, Wmax) float: RGB zero-padded plus a 4th channel
-    that is 1 inside each image and 0 in its padding."""
-    n = len(images)
-    device = images[0].device
-    hs = torch.tensor([im.shape[-2] for im in images])
-    ws = torch.tensor([im.shape[-1] for im in images])
-    hm, wm = int(hs.max()), int(ws.max())
-    out = torch.zeros((n, 4, hm, wm), dtype=dtype, device=device)
-    for i, im in enumerate(images):  # one copy kernel each: the decoder hands over separate tensors
-        out[i, :3, :im.shape[-2], :im.shape[-1]].copy_(im, non_blocking=True)
-    rows = torch.arange(hm, device=device)[None, :, None] < hs.to(device)[:, None, None]
-    cols = torch.arange(wm, device=device)[None, None, :] < ws.to(device)[:, None, None]
-    out[:, 3] = rows & cols
-    return out
+try:  # the GPU kernel; the torch version below computes the same function anywhere
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
+    triton = None
 
 
-def crop_batch(images, boxes, crop, mean=None, std=None, dtype=torch.float32, channels_last=True):
-    """Crop/resize/flip every image to crop x crop through one roi_align, then normalise.
+def flatten_images(images):
+    """list of uint8 3 x h_i x w_i (one device) -> (flat uint8 buffer, int64 offsets (N,),
+    int32 (N, 2) sizes h, w), offsets and sizes on the CPU."""
+    sizes = torch.tensor([tuple(im.shape[-2:]) for im in images], dtype=torch.int32)
+    counts = sizes[:, 0].long() * sizes[:, 1].long() * 3
+    offsets = torch.zeros(len(images), dtype=torch.int64)
+    offsets[1:] = counts.cumsum(0)[:-1]
+    flat = torch.cat([im.reshape(-1) for im in images])
+    return flat, offsets, sizes
+
+
+def sample_params(boxes, crop):
+    """(N, 4) x1, y1, x2, y2 -> float32 (N, 4) start x, start y, signed bin width, bin height
+    (source pixels per output pixel) and int32 (N, 2) samples per bin sy, sx."""
+    boxes = boxes.double()
+    bw = (boxes[:, 2] - boxes[:, 0]) / crop
+    bh = (boxes[:, 3] - boxes[:, 1]) / crop
+    prm = torch.stack([boxes[:, 0], boxes[:, 1], bw, bh], 1).float()
+    grid = torch.stack([bh.abs(), bw.abs()], 1).sub(1e-9).ceil().clamp(min=1).int()
+    return prm, grid
+
+
+def _axis_taps(start, step, samples, size, crop):
+    """Bilinear taps along one axis for all images: (index, weight) each (N, crop, 2 * S), weights
+    already divided by the image's sample count (zero for the unused samples of S = max)."""
+    s_max = int(samples.max())
+    n = start.shape[0]
+    out_i = torch.arange(crop, dtype=torch.float32, device=start.device).view(1, crop, 1)
+    a = torch.arange(s_max, dtype=torch.float32, device=start.device).view(1, 1, s_max)
+    s = samples.float().view(n, 1, 1)
+    pos = (start.view(n, 1, 1) - 0.5) + step.view(n, 1, 1) * out_i + (a + 0.5) * step.view(n, 1, 1) / s
+    last = (size - 1).float().view(n, 1, 1)
+    pos = torch.minimum(pos.clamp(min=0.0), last)
+    low = pos.floor()
+    frac = pos - low
+    low = low.long()
+    high = torch.minimum(low + 1, (size - 1).long().view(n, 1, 1))
+    valid = (a < s).float() / s
+    idx = torch.cat([low, high], 2)
+    w = torch.cat([(1 - frac) * valid, frac * valid], 2)
+    return idx, w
+
+
+def crop_flat_torch(flat, offsets, sizes, prm, grid, crop, scale, shift, out_dtype):
+    """Reference/CPU version of the crop kernel: a dense per-image resampling matrix for each
+    axis (taps scattered into it), applied as out = Wy @ image @ Wx^T over a batch padded by
+    one gather. Returns N x 3 x crop x crop (channels_last) in out_dtype; uint8 is rounded."""
+    device = flat.device
+    n = len(offsets)
+    h, w = sizes[:, 0].long().to(device), sizes[:, 1].long().to(device)
+    hm, wm = int(sizes[:, 0].max()), int(sizes[:, 1].max())
+    prm, grid = prm.to(device), grid.to(device)
+    iy, wy = _axis_taps(prm[:, 1], prm[:, 3], grid[:, 0], h, crop)
+    ix, wx = _axis_taps(prm[:, 0], prm[:, 2], grid[:, 1], w, crop)
+    my = torch.zeros(n, crop, hm, device=device).scatter_add_(2, iy, wy)
+    mx = torch.zeros(n, crop, wm, device=device).scatter_add_(2, ix, wx)
+    # padded batch by one gather; the padding repeats the edge and has zero weight anyway
+    rows = torch.minimum(torch.arange(hm, device=device).view(1, 1, hm, 1), (h - 1).view(n, 1, 1, 1))
+    cols = torch.minimum(torch.arange(wm, device=device).view(1, 1, 1, wm), (w - 1).view(n, 1, 1, 1))
+    chan = torch.arange(3, device=device).view(1, 3, 1, 1)
+    index = offsets.to(device).view(n, 1, 1, 1) + (chan * h.view(n, 1, 1, 1) + rows) * w.view(n, 1, 1, 1) + cols
+    padded = flat[index].float()
+    out = my[:, None] @ padded @ mx[:, None].transpose(-1, -2)
+    return _finish(out, scale, shift, out_dtype)
+
+
+def _finish(x, scale, shift, out_dtype):
+    if out_dtype == torch.uint8:
+        x = (x + 0.5).floor_().clamp_(0, 255)
+    else:
+        x = x * scale.to(x.device).view(1, 3, 1, 1) + shift.to(x.device).view(1, 3, 1, 1)
+    return x.to(out_dtype, memory_format=torch.channels_last)
+
+
+if triton is not None:
+    @triton.jit
+    def _crop_kernel(src, offs, sizes, grid, prm, scale, shift, out, crop,
+                     BLOCK: tl.constexpr, ROUND: tl.constexpr):
+        n = tl.program_id(0)
+        p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        inside = p < crop * crop
+        oi = (p // crop).to(tl.float32)
+        oj = (p % crop).to(tl.float32)
+        base = tl.load(offs + n)
+        h = tl.load(sizes + 2 * n)
+        w = tl.load(sizes + 2 * n + 1)
+        sy = tl.load(grid + 2 * n)
+        sx = tl.load(grid + 2 * n + 1)
+        x0 = tl.load(prm + 4 * n)
+        y0 = tl.load(prm + 4 * n + 1)
+        bw = tl.load(prm + 4 * n + 2)
+        bh = tl.load(prm + 4 * n + 3)
+        plane = h * w
+        acc0 = tl.zeros([BLOCK], dtype=tl.float32)
+        acc1 = tl.zeros([BLOCK], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK], dtype=tl.float32)
+        hl = (h - 1).to(tl.float32)
+        wl = (w - 1).to(tl.float32)
+        for a in range(0, sy):
+            yy = (y0 - 0.5) + bh * oi + (a + 0.5) * bh / sy.to(tl.float32)
+            yy = tl.minimum(tl.maximum(yy, 0.0), hl)
+            ylf = tl.floor(yy)
+            ly = yy - ylf
+            yl = ylf.to(tl.int32)
+            yh = tl.minimum(yl + 1, h - 1)
+            for b in range(0, sx):
+                xx = (x0 - 0.5) + bw * oj + (b + 0.5) * bw / sx.to(tl.float32)
+                xx = tl.minimum(tl.maximum(xx, 0.0), wl)
+                xlf = tl.floor(xx)
+                lx = xx - xlf
+                xl = xlf.to(tl.int32)
+                xh = tl.minimum(xl + 1, w - 1)
+                w00 = (1 - ly) * (1 - lx)
+                w01 = (1 - ly) * lx
+                w10 = ly * (1 - lx)
+                w11 = ly * lx
+                p00 = src + base + yl * w + xl
+                p01 = src + base + yl * w + xh
+                p10 = src + base + yh * w + xl
+                p11 = src + base + yh * w + xh
+                acc0 += (w00 * tl.load(p00, mask=inside, other=0).to(tl.float32)
+                         + w01 * tl.load(p01, mask=inside, other=0).to(tl.float32)
+                         + w10 * tl.load(p10, mask=inside, other=0).to(tl.float32)
+                         + w11 * tl.load(p11, mask=inside, other=0).to(tl.float32))
+                acc1 += (w00 * tl.load(p00 + plane, mask=inside, other=0).to(tl.float32)
+                         + w01 * tl.load(p01 + plane, mask=inside, other=0).to(tl.float32)
+                         + w10 * tl.load(p10 + plane, mask=inside, other=0).to(tl.float32)
+                         + w11 * tl.load(p11 + plane, mask=inside, other=0).to(tl.float32))
+                acc2 += (w00 * tl.load(p00 + 2 * plane, mask=inside, other=0).to(tl.float32)
+                         + w01 * tl.load(p01 + 2 * plane, mask=inside, other=0).to(tl.float32)
+                         + w10 * tl.load(p10 + 2 * plane, mask=inside, other=0).to(tl.float32)
+                         + w11 * tl.load(p11 + 2 * plane, mask=inside, other=0).to(tl.float32))
+        inv = 1.0 / (sy * sx).to(tl.float32)
+        dst = out + (n.to(tl.int64) * crop * crop + p) * 3
+        if ROUND:
+            tl.store(dst, tl.minimum(tl.maximum(tl.floor(acc0 * inv + 0.5), 0.0), 255.0).to(tl.uint8), mask=inside)
+            tl.store(dst + 1, tl.minimum(tl.maximum(tl.floor(acc1 * inv + 0.5), 0.0), 255.0).to(tl.uint8), mask=inside)
+            tl.store(dst + 2, tl.minimum(tl.maximum(tl.floor(acc2 * inv + 0.5), 0.0), 255.0).to(tl.uint8), mask=inside)
+        else:
+            ty = out.dtype.element_ty
+            tl.store(dst, (acc0 * inv * tl.load(scale) + tl.load(shift)).to(ty), mask=inside)
+            tl.store(dst + 1, (acc1 * inv * tl.load(scale + 1) + tl.load(shift + 1)).to(ty), mask=inside)
+            tl.store(dst + 2, (acc2 * inv * tl.load(scale + 2) + tl.load(shift + 2)).to(ty), mask=inside)
+
+
+def crop_flat_triton(flat, offsets, sizes, prm, grid, crop, scale, shift, out_dtype, block=256):
+    """The same as crop_flat_torch in one Triton kernel (CUDA, or TRITON_INTERPRET=1 on the CPU).
+    Small per-image tables go to the device through pinned memory without a host sync."""
+    device = flat.device
+    n = len(offsets)
+
+    def dev(t):
+        if device.type == "cuda":
+            return t.pin_memory().to(device, non_blocking=True)
+        return t.contiguous()
+    out = torch.empty((n, crop, crop, 3), dtype=out_dtype, device=device)
+    _crop_kernel[(n, triton.cdiv(crop * crop, block))](
+        flat, dev(offsets), dev(sizes.int()), dev(grid.int()), dev(prm.float()), dev(scale.float()),
+        dev(shift.float()), out, crop, BLOCK=block, ROUND=out_dtype == torch.uint8)
+    return out.permute(0, 3, 1, 2)
+
+
+def _norm_consts(mean, std):
+    """(scale, shift) float32 CPU tensors with (x/255 - mean)/std = x * scale + shift."""
+    if mean is None:
+        return torch.ones(3), torch.zeros(3)
+    m, s = torch.as_tensor(mean, dtype=torch.float64), torch.as_tensor(std, dtype=torch.float64)
+    return (1.0 / (255.0 * s)).float(), (-m / s).float()
+
+
+def crop_batch(images, boxes, crop, mean=None, std=None, dtype=torch.float32, channels_last=True,
+               backend="auto"):
+    """Crop/resize/flip every image to crop x crop and normalise, reading the images in place.
 
     boxes: float (N, 4) x1, y1, x2, y2 (x1 > x2 = mirrored). mean/std (0..1 per channel) given:
-    returns (x/255 - mean)/std in `dtype`; else rounded uint8."""
+    returns (x/255 - mean)/std in `dtype`; else rounded uint8. backend: "triton" (one kernel),
+    "torch" (dense resampling matrices, any device) or "auto" (triton on CUDA where importable)."""
     if not images:
         raise ValueError("crop_batch: empty batch")
-    padded = pad_batch(images)
-    device = padded.device
-    widths = (boxes[:, 2] - boxes[:, 0]).abs()
-    heights = boxes[:, 3] - boxes[:, 1]
-    # one sample per output pixel when no box is larger than the crop (exact copies for unscaled
-    # crops), more when shrinking so that every source pixel contributes (box filter)
-    sampling = max(1, math.ceil(float(torch.maximum(widths, heights).max()) / crop - 1e-9))
-    rois = torch.cat([torch.arange(len(images), dtype=torch.float64)[:, None], boxes.double()], 1)
-    out = roi_align(padded, rois.to(device=device, dtype=padded.dtype, non_blocking=True), (crop, crop),
-                    spatial_scale=1.0, sampling_ratio=sampling, aligned=True)
-    rgb = out[:, :3] / out[:, 3:]
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    if mean is None:
-        return rgb.round_().clamp_(0, 255).to(torch.uint8, memory_format=fmt)
-    return normalize(rgb, mean, std, dtype, channels_last)
+    flat, offsets, sizes = flatten_images(images)
+    prm, grid = sample_params(boxes, crop)
+    scale, shift = _norm_consts(mean, std)
+    out_dtype = torch.uint8 if mean is None else dtype
+    use_triton = backend == "triton" or (backend == "auto" and triton is not None and flat.is_cuda)
+    fn = crop_flat_triton if use_triton else crop_flat_torch
+    out = fn(flat, offsets, sizes, prm, grid, crop, scale, shift, out_dtype)
+    return out if channels_last else out.contiguous()
 
 
 def normalize(x, mean, std, dtype=torch.float32, channels_last=True):
     """uint8 or float 0..255 NCHW -> (x/255 - mean)/std in dtype, one fused multiply-add."""
-    scale = (1.0 / (255.0 * torch.as_tensor(std, dtype=torch.float32))).view(1, -1, 1, 1)
-    shift = (-torch.as_tensor(mean, dtype=torch.float32) / torch.as_tensor(std, dtype=torch.float32))
-    scale, shift = scale.to(x.device), shift.view(1, -1, 1, 1).to(x.device)
+    scale, shift = _norm_consts(mean, std)
+    scale = scale.view(1, -1, 1, 1).to(x.device, non_blocking=True)
+    shift = shift.view(1, -1, 1, 1).to(x.device, non_blocking=True)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     out = torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=fmt)
     return torch.addcmul(shift, x, scale, out=out)
@@ -331,35 +494,41 @@ class GpuAugment:
 
     mode: "crop" (the seed's: crop x crop at a random place, then flip p=0.5), "rrc"
     (RandomResizedCrop(scale, ratio) + flip) or "center" (eval: center crop, no flip).
-    Parameters come from a CPU torch.Generator seeded with `seed`: give each rank/epoch its own."""
+    Parameters come from a CPU torch.Generator seeded with `seed` (give each rank/epoch its own);
+    called with a batch index, from a generator seeded by (seed, index), so that several decode
+    threads give the same crops whichever of them takes the batch."""
 
     def __init__(self, crop_size, mode="crop", mean=None, std=None, dtype=torch.float32, seed=0,
-                 flip=True, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), channels_last=True):
+                 flip=True, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), channels_last=True,
+                 backend="auto"):
         if mode not in ("crop", "rrc", "center"):
             raise ValueError(f"unknown mode {mode!r}: choose crop, rrc or center")
         self.crop_size, self.mode = crop_size, mode
         self.mean, self.std, self.dtype = mean, std, dtype
         self.flip = flip and mode != "center"
         self.scale, self.ratio, self.channels_last = scale, ratio, channels_last
+        self.seed, self.backend = seed, backend
         self.gen = torch.Generator().manual_seed(seed)
 
-    def boxes(self, sizes):
+    def boxes(self, sizes, index=None):
         """(N, 2) int (h, w) -> (N, 4) float64 boxes, mirrored ones with x1 > x2."""
         sizes = torch.as_tensor(sizes, dtype=torch.int64).view(-1, 2)
+        gen = self.gen if index is None else torch.Generator().manual_seed(
+            (self.seed * 1_000_003 + index) % (2 ** 63))
         if self.mode == "crop":
-            boxes = crop_boxes(sizes, self.crop_size, self.gen)
+            boxes = crop_boxes(sizes, self.crop_size, gen)
         elif self.mode == "rrc":
-            boxes = rrc_boxes(sizes, self.crop_size, self.gen, self.scale, self.ratio)
+            boxes = rrc_boxes(sizes, self.crop_size, gen, self.scale, self.ratio)
         else:
             boxes = center_boxes(sizes, self.crop_size)
         if self.flip:
-            boxes, _ = flip_boxes(boxes, self.gen)
+            boxes, _ = flip_boxes(boxes, gen)
         return boxes
 
-    def __call__(self, images):
-        boxes = self.boxes([im.shape[-2:] for im in images])
+    def __call__(self, images, index=None):
+        boxes = self.boxes([tuple(im.shape[-2:]) for im in images], index)
         return crop_batch(images, boxes, self.crop_size, self.mean, self.std, self.dtype,
-                          self.channels_last)
+                          self.channels_last, self.backend)
 
     def normalize(self, x):
         """An already cropped uint8 NCHW part (hybrid mode) -> the same output format."""
@@ -382,21 +551,34 @@ def _fields(raw):
     return list(blobs), labels, keys, None, None
 
 
+def _to_device(t, device):
+    """CPU tensor -> device without blocking the host (through pinned memory on CUDA)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
+_DONE = object()
+
+
 class GpuBatchPipeline:
-    """Raw batches in, ready (x, y) on `device` out, prepared ahead in a side CUDA stream.
+    """Raw batches in, ready (x, y) on `device` out, prepared ahead in side CUDA streams.
 
-    threaded=True: a background thread pulls raw batches, decodes and crops them (its CPU work,
-    e.g. nvJPEG's Huffman stage, overlaps the training loop's Python too); up to `prefetch` ready
-    batches wait in a queue. threaded=False: batch i+1 is queued on the side stream before batch i
-    is handed out. On a CPU device it runs inline with no streams (for tests)."""
+    threads >= 1: a fetch thread pulls raw batches (DataLoader) into a queue; `threads` decode
+    threads, each with its own CUDA stream, decode and crop them (their host work, e.g. nvJPEG's
+    Huffman stage, overlaps the training loop's Python); batches come out in their original
+    order, with crops drawn per batch index (the same whichever thread made them). threads=0:
+    batch i+1 is queued on one side stream before batch i is handed out, all in the caller's
+    thread. On a CPU device the same runs without streams (threads=0: all in the caller's thread)."""
 
-    def __init__(self, batches, augment, device="cuda", prefetch=2, threaded=True, decoder=None,
+    def __init__(self, batches, augment, device="cuda", prefetch=3, threads=2, decoder=None,
                  on_failure=None):
         self.batches, self.augment = batches, augment
         self.device = torch.device(device)
-        self.prefetch, self.threaded, self.decoder = max(1, prefetch), threaded, decoder
+        self.prefetch, self.threads, self.decoder = max(1, prefetch), max(0, threads), decoder
         self.on_failure = on_failure or (lambda key, reason: warnings.warn(f"dropped {key}: {reason}"))
         self.failures = []
+        self._lock = threading.Lock()
         # host seconds spent per stage by whoever prepares batches (enqueue time, not GPU time):
         # tells which part of the producer limits the rate
         self.stats = {"batches": 0, "fetch_s": 0.0, "decode_s": 0.0, "augment_s": 0.0}
@@ -404,63 +586,78 @@ class GpuBatchPipeline:
     def __len__(self):
         return len(self.batches)
 
-    def process(self, raw):
+    @property
+    def num_samples(self):
+        return getattr(self.batches, "num_samples", None)
+
+    def _add(self, **seconds):
+        with self._lock:
+            for k, v in seconds.items():
+                self.stats[k] += v
+
+    def process(self, raw, index=None):
         """One raw batch -> (x, y) on the device, in the current stream."""
         blobs, labels, keys, pre, pre_labels = _fields(raw)
         parts_x, parts_y = [], []
-        t0 = time.perf_counter()
+        t0 = t1 = time.perf_counter()
         if blobs:
             images, failures = decode_jpegs(blobs, self.device, keys, self.decoder)
-            for key, reason in failures:
-                self.failures.append((key, reason))
-                self.on_failure(key, reason)
+            with self._lock:
+                for key, reason in failures:
+                    self.failures.append((key, reason))
+                    self.on_failure(key, reason)
             keep = [i for i, im in enumerate(images) if im is not None]
             t1 = time.perf_counter()
-            self.stats["decode_s"] += t1 - t0
-            t0 = t1
             if keep:
-                parts_x.append(self.augment([images[i] for i in keep]))
-                parts_y.append(labels[keep])
+                parts_x.append(self.augment([images[i] for i in keep], index))
+                parts_y.append(labels[keep] if len(keep) < len(labels) else labels)
         if pre is not None and len(pre):
-            parts_x.append(self.augment.normalize(pre.to(self.device, non_blocking=True)))
+            parts_x.append(self.augment.normalize(_to_device(pre, self.device)))
             parts_y.append(torch.as_tensor(pre_labels, dtype=torch.int64))
         if not parts_x:
             raise ValueError("a batch with no decodable image: see the failures reported above")
         x = parts_x[0] if len(parts_x) == 1 else torch.cat(parts_x)
-        y = torch.cat(parts_y).to(self.device, non_blocking=True)
-        self.stats["augment_s"] += time.perf_counter() - t0
-        self.stats["batches"] += 1
+        y = _to_device(torch.cat(parts_y), self.device)
+        self._add(decode_s=t1 - t0, augment_s=time.perf_counter() - t1, batches=1)
         return x, y
 
     def _fetch(self, it):
         t0 = time.perf_counter()
-        raw = next(it, None)
-        self.stats["fetch_s"] += time.perf_counter() - t0
+        raw = next(it, _DONE)
+        self._add(fetch_s=time.perf_counter() - t0)
         return raw
 
     def __iter__(self):
-        if self.device.type != "cuda":
-            it = iter(self.batches)
-            while (raw := self._fetch(it)) is not None:
-                yield self.process(raw)
-            return
-        stream = torch.cuda.Stream(self.device)
-        if self.threaded:
-            yield from self._threaded(stream)
+        cuda = self.device.type == "cuda"
+        if self.threads:
+            yield from self._threaded()
+        elif cuda:
+            yield from self._inline(torch.cuda.Stream(self.device))
         else:
-            yield from self._inline(stream)
+            it = iter(self.batches)
+            index = 0
+            while (raw := self._fetch(it)) is not _DONE:
+                yield self.process(raw, index)
+                index += 1
 
-    def _submit(self, stream, raw):
+    def _stream(self):
+        return torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def _submit(self, stream, raw, index):
+        if stream is None:  # CPU device: nothing to overlap with
+            return (*self.process(raw, index), None)
         with torch.cuda.stream(stream):
-            x, y = self.process(raw)
+            x, y = self.process(raw, index)
             event = torch.cuda.Event()
             event.record(stream)
         return x, y, event
 
     def _hand_over(self, x, y, event):
+        if event is None:
+            return x, y
         current = torch.cuda.current_stream(self.device)
         current.wait_event(event)
-        # made on the side stream, used on this one: keep the memory until this stream is done
+        # made on a side stream, used on this one: keep the memory until this stream is done
         x.record_stream(current)
         y.record_stream(current)
         return x, y
@@ -468,47 +665,120 @@ class GpuBatchPipeline:
     def _inline(self, stream):
         it = iter(self.batches)
         # range first: zip stops on it without pulling (and losing) one more raw batch
-        pending = [self._submit(stream, raw) for _, raw in zip(range(self.prefetch), it)]
+        pending = [self._submit(stream, raw, i) for i, raw in zip(range(self.prefetch), it)]
+        index = len(pending)
         while pending:
             x, y, event = pending.pop(0)
             nxt = self._fetch(it)
-            if nxt is not None:
-                pending.append(self._submit(stream, nxt))
+            if nxt is not _DONE:
+                pending.append(self._submit(stream, nxt, index))
+                index += 1
             yield self._hand_over(x, y, event)
 
-    def _threaded(self, stream):
-        ready = queue.Queue(maxsize=self.prefetch)
+    def _threaded(self):
+        todo = queue.Queue(maxsize=self.prefetch + self.threads)
+        ready = queue.Queue()
         stop = threading.Event()
-        done = object()
         # created here, in the caller's thread: a DataLoader forks its workers on iter()
         it = iter(self.batches)
 
-        def produce():
-            try:
-                with torch.cuda.device(self.device):
-                    while (raw := self._fetch(it)) is not None:
-                        if stop.is_set():
-                            return
-                        ready.put(self._submit(stream, raw))
-                ready.put(done)
-            except BaseException as exc:  # handed to the consumer, raised there
-                ready.put(exc)
+        def put(q, item):  # gives up when the consumer has gone
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    pass
+            return False
 
-        thread = threading.Thread(target=produce, name="gpu-decode", daemon=True)
-        thread.start()
+        def fetch():
+            try:
+                index = 0
+                while not stop.is_set() and (raw := self._fetch(it)) is not _DONE:
+                    if not put(todo, (index, raw)):
+                        return
+                    index += 1
+            except BaseException as exc:  # handed to the consumer, raised there
+                ready.put((-1, exc))
+            for _ in range(self.threads):
+                put(todo, None)
+
+        def decode():
+            stream = self._stream()
+            try:
+                with torch.cuda.device(self.device) if stream is not None else contextlib.nullcontext():
+                    while not stop.is_set():
+                        try:
+                            item = todo.get(timeout=0.1)
+                        except queue.Empty:
+                            continue
+                        if item is None:
+                            break
+                        ready.put((item[0], self._submit(stream, item[1], item[0])))
+            except BaseException as exc:
+                ready.put((-1, exc))
+            ready.put((-1, _DONE))
+
+        workers = [threading.Thread(target=fetch, name="gpu-fetch", daemon=True)]
+        workers += [threading.Thread(target=decode, name=f"gpu-decode-{k}", daemon=True)
+                    for k in range(self.threads)]
+        for t in workers:
+            t.start()
+        pending, index, finished = {}, 0, 0
         try:
             while True:
-                item = ready.get()
-                if item is done:
+                if index in pending:
+                    yield self._hand_over(*pending.pop(index))
+                    index += 1
+                    continue
+                if finished == self.threads:
                     return
-                if isinstance(item, BaseException):
+                i, item = ready.get()
+                if item is _DONE:
+                    finished += 1
+                elif isinstance(item, BaseException):
                     raise item
-                yield self._hand_over(*item)
+                else:
+                    pending[i] = item
         finally:
             stop.set()
-            while thread.is_alive():  # unblock a producer waiting on a full queue
-                try:
-                    ready.get(timeout=0.1)
-                except queue.Empty:
-                    pass
-            thread.join()
+            while any(t.is_alive() for t in workers):  # unblock threads waiting on a queue
+                for q in (todo, ready):
+                    try:
+                        q.get_nowait()
+                    except queue.Empty:
+                        pass
+                for t in workers:
+                    t.join(timeout=0.05)
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+def val_pipeline(loader, device, crop_size, mean, std, on_failure=None, threads=1):
+    """Center crops of a decode="gpu" val loader as normalised float32 NCHW on `device`: the same
+    input the CPU path gives the model (tools.imagenet.evaluation.evaluate takes either)."""
+    aug = GpuAugment(crop_size, mode="center", mean=mean, std=std, dtype=torch.float32,
+                     channels_last=False)
+    return GpuBatchPipeline(loader, aug, device, threads=threads, on_failure=on_failure)
+
+
+def failure_log(path, **context):
+    """on_failure callback: every image no decoder can read goes to stderr and is appended to the
+    TSV `path` (key, reason, then the context values, e.g. epoch and rank), header on creation."""
+    import sys
+    from pathlib import Path
+    path = Path(path)
+
+    def report(key, reason):
+        print(f"bad sample {key}: {reason} (dropped from its batch; listed in {path})",
+              file=sys.stderr, flush=True)
+        new = not path.exists()
+        with open(path, "a") as f:
+            if new:
+                f.write("\t".join(["key", "reason", *context]) + "\n")
+            f.write("\t".join([key, reason.replace("\t", " ").replace("\n", " "),
+                                *map(str, context.values())]) + "\n")
+    return report

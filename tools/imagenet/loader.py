@@ -14,6 +14,12 @@ k-th sample of it. Train streams are endless (they cycle their shards) and every
 the same number of batches, so DDP never waits on a rank that ran dry. Val streams are read once,
 in manifest order, so every val image is seen exactly once across all ranks and workers.
 Batches are uint8 NCHW tensors laid out channels-last in memory (a permuted NHWC array).
+
+decode="gpu": the workers only read the shards and hand over each batch undecoded, as
+{"data": uint8 1-D (all JPEG bytes), "offsets": int64 N+1, "labels": int64 N, "keys": [N str]}
+(plus, for train with cpu_fraction > 0, "pre"/"pre_labels": that share of the batch decoded and
+cropped by the worker, uint8): tools.imagenet.gpu_data.GpuBatchPipeline decodes and crops them on
+the GPU. decode="auto" is "gpu" where CUDA works, else "cpu".
 """
 import io
 import json
@@ -172,6 +178,29 @@ def _batch(images, labels):
     return x.permute(0, 3, 1, 2), torch.tensor(labels, dtype=torch.int64)
 
 
+def resolve_decode(decode, ten_crop=False):
+    """"cpu" or "gpu" for a decode setting; auto: gpu where CUDA works (never for ten crops)."""
+    if decode not in ("cpu", "gpu", "auto"):
+        raise ValueError(f"unknown decode {decode!r}: choose cpu, gpu or auto")
+    if decode == "auto":
+        return "gpu" if torch.cuda.is_available() and not ten_crop else "cpu"
+    if decode == "gpu" and ten_crop:
+        raise ValueError("ten-crop evaluation decodes on the CPU: use decode cpu")
+    return decode
+
+
+def _raw_batch(samples, pre=None, pre_labels=None):
+    """Undecoded batch for the GPU path (see the module docstring)."""
+    from tools.imagenet.gpu_data import pack_jpegs
+    data, offsets = pack_jpegs([s["jpg"] for s in samples])
+    out = {"data": data, "offsets": offsets,
+           "labels": torch.tensor([int(s["cls"]) for s in samples], dtype=torch.int64),
+           "keys": [s["__key__"] for s in samples]}
+    if pre is not None:
+        out["pre"], out["pre_labels"] = pre, pre_labels
+    return out
+
+
 def _worker():
     info = get_worker_info()
     return (info.id, info.num_workers) if info else (0, 1)
@@ -181,12 +210,13 @@ class TrainStream(IterableDataset):
     """Endless local batches of one rank; each DataLoader worker reads its own stream."""
 
     def __init__(self, shards_dir, shards, local_batch, epoch, seed, rank, world_size, workers,
-                 crop_size, aug, shuffle_buffer):
+                 crop_size, aug, shuffle_buffer, decode="cpu", cpu_fraction=0.0):
         super().__init__()
         self.__dict__.update(shards_dir=shards_dir, shards=shards, local_batch=local_batch,
                              epoch=epoch, seed=seed, rank=rank, world_size=world_size,
                              workers=max(workers, 1), crop_size=crop_size, aug=aug,
-                             shuffle_buffer=shuffle_buffer)
+                             shuffle_buffer=shuffle_buffer, decode=decode,
+                             cpu_fraction=cpu_fraction)
 
     def pieces(self, worker):
         order = epoch_shard_order(self.shards, self.seed, self.epoch)
@@ -207,6 +237,9 @@ class TrainStream(IterableDataset):
                 yield from _read(self.shards_dir, order)
                 rng.shuffle(order)
 
+        if self.decode == "gpu":
+            yield from self._raw(_shuffled(endless(), self.shuffle_buffer, rng), rng, crop)
+            return
         images, labels = [], []
         for path, sample in _shuffled(endless(), self.shuffle_buffer, rng):
             images.append(crop(_open_rgb(path, sample, self.crop_size), self.crop_size, rng))
@@ -216,21 +249,48 @@ class TrainStream(IterableDataset):
                 images, labels = [], []
 
 
+    def _raw(self, samples, rng, crop):
+        """GPU decode: undecoded batches; the first cpu_fraction of each decoded and cropped here."""
+        n_cpu = min(self.local_batch, round(self.local_batch * self.cpu_fraction))
+        batch = []
+        for path, sample in samples:
+            batch.append((path, sample))
+            if len(batch) < self.local_batch:
+                continue
+            pre = pre_labels = None
+            if n_cpu:
+                pre, pre_labels = _batch([crop(_open_rgb(p, s, self.crop_size), self.crop_size, rng)
+                                          for p, s in batch[:n_cpu]],
+                                         [int(s["cls"]) for _, s in batch[:n_cpu]])
+            yield _raw_batch([s for _, s in batch[n_cpu:]], pre, pre_labels)
+            batch = []
+
+
 class ValStream(IterableDataset):
     """Center crops of the val shards, each image once across all ranks and workers."""
 
     def __init__(self, shards_dir, shards, batch_size, rank, world_size, workers, crop_size,
-                 ten_crop=False):
+                 ten_crop=False, decode="cpu"):
         super().__init__()
         self.__dict__.update(shards_dir=shards_dir, shards=shards, batch_size=batch_size,
                              rank=rank, world_size=world_size, workers=max(workers, 1),
-                             crop_size=crop_size, ten_crop=ten_crop)
+                             crop_size=crop_size, ten_crop=ten_crop, decode=decode)
 
     def pieces(self, worker):
         return split_streams(self.shards, self.world_size * self.workers)[self.rank * self.workers + worker]
 
     def __iter__(self):
         worker, _ = _worker()
+        if self.decode == "gpu":
+            samples = []
+            for _, sample in _read(self.shards_dir, self.pieces(worker)):
+                samples.append(sample)
+                if len(samples) == self.batch_size:
+                    yield _raw_batch(samples)
+                    samples = []
+            if samples:
+                yield _raw_batch(samples)
+            return
         images, labels = [], []
         crop, batch = (_ten_crops, _batch_ten) if self.ten_crop else (center_crop, _batch)
         for path, sample in _read(self.shards_dir, self.pieces(worker)):
@@ -252,8 +312,10 @@ def _worker_init(_):
 class Loader:
     """Iterates `num_batches` batches of a fresh DataLoader (None: until the dataset ends)."""
 
-    def __init__(self, dataset, workers, num_batches=None, num_samples=None):
+    def __init__(self, dataset, workers, num_batches=None, num_samples=None, pin_memory=None):
         self.dataset, self.workers = dataset, workers
+        # raw JPEG bytes are read by the GPU decoder's host stage: pinning them only costs a copy
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.num_batches, self.num_samples = num_batches, num_samples
 
     def __len__(self):
@@ -263,7 +325,7 @@ class Loader:
 
     def __iter__(self):
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.workers,
-                            pin_memory=torch.cuda.is_available(),
+                            pin_memory=self.pin_memory,
                             prefetch_factor=4 if self.workers else None,
                             worker_init_fn=_worker_init if self.workers else None)
         it = iter(loader)
@@ -290,9 +352,13 @@ def batches_per_epoch(num_samples, global_batch_size, epoch_size=None):
 
 
 def train_loader(shards_dir, global_batch_size, epoch, seed, rank, world_size, workers, crop_size,
-                 aug="crop", shuffle_buffer=1000, epoch_size=None):
+                 aug="crop", shuffle_buffer=1000, epoch_size=None, decode="cpu", cpu_fraction=0.0):
     """This rank's (uint8 NCHW, int64) batches of global_batch_size / world_size for one epoch;
-    the same count on every rank."""
+    the same count on every rank. decode="gpu": raw batches instead (module docstring), of which
+    the workers decode and crop `cpu_fraction` on the CPU (hybrid)."""
+    decode = resolve_decode(decode)
+    if not 0.0 <= cpu_fraction <= 1.0:
+        raise ValueError(f"cpu_fraction {cpu_fraction} is not between 0 and 1")
     if global_batch_size % world_size:
         raise ValueError(f"global batch {global_batch_size} does not divide over {world_size} ranks")
     if aug not in ("crop", "rrc"):
@@ -300,19 +366,24 @@ def train_loader(shards_dir, global_batch_size, epoch, seed, rank, world_size, w
     manifest = read_manifest(shards_dir, "train")
     n = batches_per_epoch(manifest["num_samples"], global_batch_size, epoch_size)
     ds = TrainStream(str(shards_dir), _shard_list(manifest), global_batch_size // world_size,
-                     epoch, seed, rank, world_size, workers, crop_size, aug, shuffle_buffer)
-    return Loader(ds, workers, num_batches=n)
+                     epoch, seed, rank, world_size, workers, crop_size, aug, shuffle_buffer,
+                     decode, cpu_fraction)
+    return Loader(ds, workers, num_batches=n,
+                  pin_memory=None if decode == "cpu" or cpu_fraction > 0 else False)
 
 
-def val_loader(shards_dir, batch_size, rank, world_size, workers, crop_size, ten_crop=False):
+def val_loader(shards_dir, batch_size, rank, world_size, workers, crop_size, ten_crop=False,
+               decode="cpu"):
     """This rank's share of the val set as (uint8 NCHW center crops, int64) batches; the shares of
     all ranks cover every val image exactly once (they may differ in size). With ten_crop the
-    images are uint8 N x 10 x C x H x W (see tools.imagenet.preprocess.ten_crop)."""
+    images are uint8 N x 10 x C x H x W (see tools.imagenet.preprocess.ten_crop). decode="gpu":
+    raw batches for GpuBatchPipeline with a "center" GpuAugment."""
+    decode = resolve_decode(decode, ten_crop)
     manifest = read_manifest(shards_dir, "val")
     ds = ValStream(str(shards_dir), _shard_list(manifest), batch_size, rank, world_size, workers,
-                   crop_size, ten_crop)
+                   crop_size, ten_crop, decode)
     count = sum(piece_samples(ds.pieces(w)) for w in range(ds.workers))
-    return Loader(ds, workers, num_samples=count)
+    return Loader(ds, workers, num_samples=count, pin_memory=None if decode == "cpu" else False)
 
 
 def normalize(x, mean, std):
