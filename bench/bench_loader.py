@@ -13,12 +13,17 @@ an ImageFolder tree of them and WebDataset shards (plain tarfile, per the shard 
                    ToTensor/Normalize, as pytorch/examples/imagenet
   (c) cpu          the shards through tools.imagenet.loader.train_loader (PIL decode + crop in
                    workers), uint8 to the GPU, normalised there
-  (d) gpu          workers hand over raw JPEG bytes; GpuBatchPipeline decodes (nvJPEG) and crops on
-                   the GPU in a side stream, overlapped with the step
-  (e) hybrid       as (d), with --hybrid-fraction of every batch decoded and cropped by the workers
-  (f) gpu-nvimgcodec  as (d) with the nvImageCodec decoder, where it is installed
-for each --models entry (alexnetowtbn eager / torch.compile, resnet50; bf16 autocast, channels_last),
-plus the data paths alone (no model). Prints a table (images/s, share of the ceiling) last.
+  (d) gpu          train_loader(decode="gpu"): workers hand over raw JPEG bytes; GpuBatchPipeline
+                   decodes (nvJPEG) and crops (Triton kernel) on the GPU in --decode-threads threads
+                   with their own streams, overlapped with the step (what tools.train --decode gpu runs)
+  (e) hybrid       as (d), with a fraction (--hybrid-fractions) of every batch decoded and cropped by
+                   the workers (tools.train --cpu-fraction)
+plus, for the data path alone (no model): stage costs of one batch (decode with nvJPEG /
+nvImageCodec, the phase-1 pad + roi_align crop against the flat-buffer crop in torch and Triton),
+decode throughput from 1 and 2 threads, (d) with 0-3 decode threads, (f) nvImageCodec and
+(g) nvImageCodec hardware engine + nvJPEG splitting each batch, where nvImageCodec is installed.
+Models: --models (alexnetowtbn eager / torch.compile, resnet50; bf16 autocast, channels_last).
+Prints a table (images/s, share of the ceiling) last.
 --loader-only: (b) vs (c) with no model and no GPU.
 """
 import argparse
@@ -37,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, RandomSampler, get_worker_info
+from torch.utils.data import DataLoader, RandomSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tools.imagenet import gpu_data  # noqa: E402
@@ -132,72 +137,21 @@ def cpu_batches(shards, batch, workers, crop, aug, total):
     return loader
 
 
-class RawShards(IterableDataset):
-    """(d)/(e): workers read the shards and hand over undecoded batches (pack_jpegs); with
-    cpu_fraction > 0 they also decode + crop that share of each batch (hybrid)."""
-
-    def __init__(self, shards_dir, batch, crop, aug="rrc", cpu_fraction=0.0, seed=0):
-        super().__init__()
-        manifest = json.loads((Path(shards_dir) / "train.json").read_text())
-        self.paths = [str(Path(shards_dir) / s["name"]) for s in manifest["shards"]]
-        self.batch, self.crop, self.aug, self.cpu_fraction, self.seed = batch, crop, aug, cpu_fraction, seed
-
-    def _samples(self, paths, rng):
-        while True:
-            rng.shuffle(paths)
-            for p in paths:
-                with tarfile.open(p) as tar:
-                    sample = {}
-                    for m in tar:
-                        key, ext = m.name.split(".", 1)
-                        if sample.get("__key__") not in (None, key):
-                            yield sample
-                            sample = {}
-                        sample["__key__"] = key
-                        sample[ext] = tar.extractfile(m).read()
-                    if sample:
-                        yield sample
-
-    def __iter__(self):
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        paths = self.paths[wid::nw] or [self.paths[wid % len(self.paths)]]
-        rng = random.Random(f"{self.seed}/{wid}")
-        n_cpu = round(self.batch * self.cpu_fraction)
-        if n_cpu:
-            from tools.imagenet import loader as cpu_loader
-            crop_fn = cpu_loader.random_resized_crop if self.aug == "rrc" else cpu_loader.random_crop
-        buf = []
-        for s in self._samples(list(paths), rng):
-            buf.append(s)
-            if len(buf) < self.batch:
-                continue
-            out = {}
-            if n_cpu:
-                crops = []
-                for s in buf[:n_cpu]:
-                    img = Image.open(io.BytesIO(s["jpg"])).convert("RGB")
-                    crops.append(np.asarray(crop_fn(img, self.crop, rng), dtype=np.uint8))
-                out["pre"] = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2)
-                out["pre_labels"] = torch.tensor([int(s["cls"]) for s in buf[:n_cpu]])
-            rest = buf[n_cpu:]
-            out["data"], out["offsets"] = gpu_data.pack_jpegs([s["jpg"] for s in rest])
-            out["labels"] = torch.tensor([int(s["cls"]) for s in rest])
-            out["keys"] = [s["__key__"] for s in rest]
-            buf = []
-            yield out
-
-
-def raw_batches(shards, batch, workers, crop, aug, cpu_fraction=0.0):
-    return DataLoader(RawShards(shards, batch, crop, aug, cpu_fraction), batch_size=None,
-                      num_workers=workers, prefetch_factor=4 if workers else None,
-                      persistent_workers=workers > 0)
-
-
-def gpu_batches(shards, batch, workers, crop, aug, cpu_fraction=0.0, decoder=None, threaded=True):
+def gpu_batches(shards, batch, workers, crop, aug, total, cpu_fraction=0.0, decoder=None, threads=2):
+    """(d)/(e): the project's GPU path, as tools.train --decode gpu [--cpu-fraction] runs it."""
+    from tools.imagenet.loader import train_loader
+    loader = train_loader(shards, global_batch_size=batch, epoch=1, seed=0, rank=0, world_size=1,
+                          workers=workers, crop_size=crop, aug=aug, decode="gpu", cpu_fraction=cpu_fraction)
+    loader.num_batches = max(loader.num_batches, total)
     augment = gpu_data.GpuAugment(crop, mode=aug, mean=MEAN, std=STD, dtype=torch.bfloat16, seed=0)
-    return gpu_data.GpuBatchPipeline(raw_batches(shards, batch, workers, crop, aug, cpu_fraction),
-                                     augment, device="cuda", decoder=decoder, threaded=threaded)
+    return gpu_data.GpuBatchPipeline(loader, augment, device="cuda", decoder=decoder, threads=threads)
+
+
+def one_raw_batch(shards, batch, crop, aug):
+    from tools.imagenet.loader import train_loader
+    loader = train_loader(shards, global_batch_size=batch, epoch=1, seed=0, rank=0, world_size=1,
+                          workers=0, crop_size=crop, aug=aug, decode="gpu")
+    return next(iter(loader))
 
 
 # ----------------------------------------------------------------------------------------- timing
@@ -267,9 +221,28 @@ def touch_step(x, y):
 
 # ----------------------------------------------------------------------------------------- main
 
-def micro(shards, batch, crop, aug, decoder=None, reps=10):
-    """Stage costs of the GPU path on one batch, alone, in ms (CUDA-synchronised host clock)."""
-    raw = next(iter(RawShards(shards, batch, crop, aug)))
+def pad_roi_align(images, boxes, crop):
+    """Phase 1's crop, for comparison: a zero-padded 4-channel batch (one copy per image) and one
+    torchvision roi_align; the 4th channel renormalises samples that touch the padding."""
+    from torchvision.ops import roi_align
+    n, device = len(images), images[0].device
+    hs = torch.tensor([im.shape[-2] for im in images])
+    ws = torch.tensor([im.shape[-1] for im in images])
+    out = torch.zeros((n, 4, int(hs.max()), int(ws.max())), device=device)
+    for i, im in enumerate(images):
+        out[i, :3, :im.shape[-2], :im.shape[-1]].copy_(im, non_blocking=True)
+        out[i, 3, :im.shape[-2], :im.shape[-1]] = 1
+    w = (boxes[:, 2] - boxes[:, 0]).abs()
+    sampling = max(1, math.ceil(float(torch.maximum(w, boxes[:, 3] - boxes[:, 1]).max()) / crop - 1e-9))
+    rois = torch.cat([torch.arange(n, dtype=torch.float64)[:, None], boxes.double()], 1).float().to(device)
+    r = roi_align(out, rois, (crop, crop), 1.0, sampling, True)
+    return gpu_data.normalize(r[:, :3] / r[:, 3:], MEAN, STD, torch.bfloat16)
+
+
+def micro(shards, batch, crop, aug, decoders, reps=10):
+    """Stage costs of the GPU path on one batch, alone, in ms (CUDA-synchronised host clock), and
+    decode throughput from one and from two threads."""
+    raw = one_raw_batch(shards, batch, crop, aug)
     blobs = gpu_data.unpack_jpegs(raw["data"], raw["offsets"])
     augment = gpu_data.GpuAugment(crop, mode=aug, mean=MEAN, std=STD, dtype=torch.bfloat16)
 
@@ -283,14 +256,39 @@ def micro(shards, batch, crop, aug, decoder=None, reps=10):
             torch.cuda.synchronize()
             t.append((time.perf_counter() - t0) * 1000)
         return statistics.median(t)
-    images, _ = gpu_data.decode_jpegs(blobs, "cuda", decoder=decoder)
-    boxes = augment.boxes([im.shape[-2:] for im in images])
-    out = {"decode_ms": timed(lambda: gpu_data.decode_jpegs(blobs, "cuda", decoder=decoder)),
-           "boxes_ms": timed(lambda: augment.boxes([im.shape[-2:] for im in images])),
-           "pad_ms": timed(lambda: gpu_data.pad_batch(images)),
-           "crop_norm_ms": timed(lambda: gpu_data.crop_batch(images, boxes, crop, MEAN, STD, torch.bfloat16)),
-           "augment_ms": timed(lambda: augment(images))}
-    out["decode_img_per_s"] = batch / out["decode_ms"] * 1000
+    out = {}
+    for name, dec in decoders.items():
+        out[f"decode_{name}_ms"] = timed(lambda: gpu_data.decode_jpegs(blobs, "cuda", decoder=dec))
+    images, _ = gpu_data.decode_jpegs(blobs, "cuda")
+    sizes = [tuple(im.shape[-2:]) for im in images]
+    boxes = augment.boxes(sizes)
+    crop_args = (images, boxes, crop, MEAN, STD, torch.bfloat16)
+    ref = gpu_data.crop_batch(*crop_args, backend="torch").float()
+    tri = gpu_data.crop_batch(*crop_args, backend="triton").float()
+    old = pad_roi_align(images, boxes, crop).float()
+    out["triton_vs_torch_max_abs"] = (tri - ref).abs().max().item()
+    out["roi_align_vs_torch_mean_abs"] = (old - ref).abs().mean().item()
+    out.update({"boxes_ms": timed(lambda: augment.boxes(sizes)),
+                "flatten_ms": timed(lambda: gpu_data.flatten_images(images)),
+                "crop_pad_roi_align_ms": timed(lambda: pad_roi_align(images, boxes, crop)),
+                "crop_flat_torch_ms": timed(lambda: gpu_data.crop_batch(*crop_args, backend="torch")),
+                "crop_flat_triton_ms": timed(lambda: gpu_data.crop_batch(*crop_args, backend="triton")),
+                "augment_ms": timed(lambda: augment(images))})
+    # decode from two threads at once (own streams): does torchvision's nvJPEG serialise?
+    import threading
+    for nthreads in (1, 2):
+        def work():
+            with torch.cuda.stream(torch.cuda.Stream()):
+                for _ in range(reps):
+                    gpu_data.decode_jpegs(blobs, "cuda")
+                torch.cuda.current_stream().synchronize()
+        ths = [threading.Thread(target=work) for _ in range(nthreads)]
+        t0 = time.perf_counter()
+        for t in ths:
+            t.start()
+        for t in ths:
+            t.join()
+        out[f"decode_{nthreads}threads_img_per_s"] = nthreads * reps * batch / (time.perf_counter() - t0)
     out["augment_img_per_s"] = batch / out["augment_ms"] * 1000
     return out
 
@@ -307,15 +305,17 @@ def parse_args(argv=None):
                    help="DataLoader workers of the decoding paths b, c, e (default: all cores)")
     p.add_argument("--raw-workers", type=int, default=4,
                    help="workers of the GPU path d, which only read shards (default 4)")
-    p.add_argument("--hybrid-fraction", type=float, default=0.25,
-                   help="share of each batch the workers decode in the hybrid path e (default 0.25)")
+    p.add_argument("--decode-threads", type=int, default=2,
+                   help="GPU path: decode threads of GpuBatchPipeline (default 2)")
+    p.add_argument("--hybrid-fractions", default="0.2,0.35,0.5",
+                   help="comma list: shares of each batch the workers decode in the hybrid path e")
     p.add_argument("--steps", type=int, default=20, help="steps per timed window (default 20)")
     p.add_argument("--warmup", type=int, default=8,
                    help="untimed steps first (default 8; raised to 4 x workers + 4 for loader paths)")
     p.add_argument("--repeats", type=int, default=3, help="timed windows; the median is reported (default 3)")
     p.add_argument("--models", default="alexnetowtbn+compile,alexnetowtbn,resnet50",
                    help="comma list; '+compile' wraps the model in torch.compile")
-    p.add_argument("--paths", default="a,b,c,d,e,f", help="comma list of the paths a-f to run")
+    p.add_argument("--paths", default="a,b,c,d,e,f,g", help="comma list of the paths a-g to run")
     p.add_argument("--loader-only", action="store_true", help="(b) vs (c) without a model or GPU")
     p.add_argument("--work", type=Path, default=None, help="folder for the generated data (default: a temp dir)")
     p.add_argument("--json", type=Path, default=None, help="also write all figures to this JSON file")
@@ -337,7 +337,7 @@ def main(argv=None) -> int:
         rows.append({"model": model, "path": path, "images_per_s": rate, "windows": rates,
                      "share": rate / ceiling if ceiling else None})
         share = f" ({rate / ceiling:.0%} of ceiling)" if ceiling else ""
-        print(f"{model:24s} {path:16s} {rate:9.0f} img/s{share}", file=sys.stderr, flush=True)
+        print(f"{model:24s} {path:20s} {rate:9.0f} img/s{share}", file=sys.stderr, flush=True)
 
     W, B, C = args.workers, args.batch, args.crop
     HW = max(1, W - 2)  # hybrid: leave cores to the main process and the GPU decode thread
@@ -347,7 +347,7 @@ def main(argv=None) -> int:
         """One measurement; a failure is reported and recorded, the others still run.
         The warm-up is at least the batches the workers can hold ready (workers x prefetch 4), so
         the timed windows measure the steady rate, not a buffer filled while nothing was timed."""
-        workers = {"b": W, "c": W, "d": args.raw_workers, "e": HW, "f": args.raw_workers}.get(path[0], 0)
+        workers = {"b": W, "c": W, "e": HW}.get(path[0], args.raw_workers if path[0] in "dfg" else 0)
         warm = max(args.warmup, 4 * workers + 4)
         try:
             record(model, path, *measure(make_source(), step, warm, args.steps, args.repeats,
@@ -363,40 +363,51 @@ def main(argv=None) -> int:
     else:
         card = torch.cuda.get_device_name()
         print(f"card: {card}; torch {torch.__version__}; {W} workers", file=sys.stderr)
+        T = args.decode_threads
         try:
             nvimg = gpu_data.nvimgcodec_decoder("cuda")
         except Exception as exc:
             print(f"nvimgcodec unusable: {type(exc).__name__}: {exc}", file=sys.stderr)
             nvimg = None
-        for name, dec in (("nvjpeg", None), ("nvimgcodec", nvimg)):
-            if name == "nvimgcodec" and dec is None:
-                continue
-            try:
-                m = micro(shards, B, C, args.aug, decoder=dec)
-                rows.append({"model": "none", "path": f"micro {name}", "images_per_s": m["decode_img_per_s"],
-                             "micro": m, "share": None, "windows": []})
-                print(f"micro ({name}):", json.dumps(m), file=sys.stderr, flush=True)
-            except Exception as exc:  # the table below still comes out
-                print(f"micro {name} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        decoders = {"nvjpeg": None}
+        if nvimg is not None:
+            decoders["nvimgcodec"] = nvimg
+            decoders["split"] = gpu_data.split_decoder(nvimg, gpu_data.torchvision_gpu_decoder("cuda"), 0.35)
+        try:
+            m = micro(shards, B, C, args.aug, decoders)
+            for name in decoders:
+                rows.append({"model": "none", "path": f"micro decode {name}", "share": None, "windows": [],
+                             "images_per_s": B / m[f"decode_{name}_ms"] * 1000, "micro": m})
+            rows.append({"model": "none", "path": "micro augment", "share": None, "windows": [],
+                         "images_per_s": m["augment_img_per_s"]})
+            print("micro:", json.dumps(m), file=sys.stderr, flush=True)
+        except Exception as exc:  # the table below still comes out
+            print(f"micro failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        fractions = [float(f) for f in args.hybrid_fractions.split(",") if f]
         sources = {
             "b imagefolder": (lambda: imagefolder_batches(src / "train", B, W, C), float_to_gpu),
             "c cpu": (lambda: cpu_batches(shards, B, W, C, args.aug, total), uint8_to_gpu),
-            "d gpu": (lambda: gpu_batches(shards, B, args.raw_workers, C, args.aug), None),
-            "e hybrid": (lambda: gpu_batches(shards, B, HW, C, args.aug, args.hybrid_fraction), None),
+            f"d gpu t{T}": (lambda: gpu_batches(shards, B, args.raw_workers, C, args.aug, total, threads=T), None),
         }
-        if nvimg is not None:
-            sources["f nvimgcodec"] = (lambda: gpu_batches(shards, B, args.raw_workers, C, args.aug,
-                                                           decoder=nvimg), None)
+        for f in fractions:
+            sources[f"e hybrid {f:.2f}"] = (lambda f=f: gpu_batches(shards, B, HW, C, args.aug, total, f,
+                                                                    threads=T), None)
         chosen = {k: v for k, v in sources.items() if k[0] in paths}
         # the data paths alone (a trivial GPU op per batch)
         for path, (make, to_dev) in chosen.items():
             if path[0] != "b":
                 run("none", path, make, touch_step, to_dev)
         if "d" in paths:
-            run("none", "d gpu inline", lambda: gpu_batches(shards, B, args.raw_workers, C, args.aug,
-                                                            threaded=False), touch_step)
+            for t in sorted({0, 1, 3} - {T}):
+                run("none", f"d gpu t{t}", lambda t=t: gpu_batches(shards, B, args.raw_workers, C, args.aug,
+                                                                   total, threads=t), touch_step)
             other = "crop" if args.aug == "rrc" else "rrc"
-            run("none", f"d gpu {other}", lambda: gpu_batches(shards, B, args.raw_workers, C, other), touch_step)
+            run("none", f"d gpu {other}", lambda: gpu_batches(shards, B, args.raw_workers, C, other, total,
+                                                              threads=T), touch_step)
+        for key, name in (("f", "nvimgcodec"), ("g", "split")):
+            if key in paths and name in decoders:
+                run("none", f"{key} {name}", lambda d=decoders[name]: gpu_batches(
+                    shards, B, args.raw_workers, C, args.aug, total, decoder=d, threads=T), touch_step)
         for spec in args.models.split(","):
             arch, _, opt = spec.partition("+")
             try:
@@ -418,10 +429,12 @@ def main(argv=None) -> int:
                                          "rows": rows}, indent=1))
     print(f"\nbench_loader: {args.images} JPEGs, batch {B}, crop {C}, aug {args.aug}, {W} workers, "
           f"device: {device}")
-    print(f"{'model':24s} {'path':16s} {'images/s':>9s} {'of ceiling':>10s}")
+    print(f"{'model':24s} {'path':20s} {'images/s':>9s} {'of ceiling':>10s} {'vs b':>6s}")
+    base = {r["model"]: r["images_per_s"] for r in rows if r["path"].startswith("b ")}
     for r in rows:
         share = f"{r['share']:.0%}" if r["share"] else ("FAILED" if r.get("error") else "-")
-        print(f"{r['model']:24s} {r['path']:16s} {r['images_per_s']:9.0f} {share:>10s}")
+        vs_b = f"{r['images_per_s'] / base[r['model']]:.1f}x" if base.get(r["model"]) else "-"
+        print(f"{r['model']:24s} {r['path']:20s} {r['images_per_s']:9.0f} {share:>10s} {vs_b:>6s}")
     if args.loader_only:
         b = next(r for r in rows if r["path"].startswith("b"))["images_per_s"]
         c = next(r for r in rows if r["path"].startswith("c"))["images_per_s"]

@@ -143,6 +143,27 @@ def nvimgcodec_decoder(device="cuda", hardware=True):
     return decode
 
 
+def split_decoder(first, second, share):
+    """A decoder that sends the first `share` of each batch to `first` and the rest to `second`,
+    at the same time (e.g. nvImageCodec's hardware engine beside torchvision's nvJPEG on the SMs:
+    different hardware, and each library has its own lock)."""
+    from concurrent.futures import ThreadPoolExecutor
+    pool = ThreadPoolExecutor(1, thread_name_prefix="split-decode")
+
+    def decode(tensors):
+        k = round(len(tensors) * share)
+        stream = torch.cuda.current_stream()
+        side = pool.submit(_on_stream, first, tensors[:k], stream) if k else None
+        rest = second(tensors[k:]) if k < len(tensors) else []
+        return (side.result() if side else []) + rest
+    return decode
+
+
+def _on_stream(fn, tensors, stream):
+    with torch.cuda.stream(stream):
+        return fn(tensors)
+
+
 def _cpu_decode(blob):
     """libjpeg-turbo through torchvision, then PIL by content; raises if neither can."""
     try:
@@ -446,10 +467,21 @@ def crop_flat_triton(flat, offsets, sizes, prm, grid, crop, scale, shift, out_dt
             return t.pin_memory().to(device, non_blocking=True)
         return t.contiguous()
     out = torch.empty((n, crop, crop, 3), dtype=out_dtype, device=device)
-    _crop_kernel[(n, triton.cdiv(crop * crop, block))](
-        flat, dev(offsets), dev(sizes.int()), dev(grid.int()), dev(prm.float()), dev(scale.float()),
-        dev(shift.float()), out, crop, BLOCK=block, ROUND=out_dtype == torch.uint8)
+    args = (flat, dev(offsets), dev(sizes.int()), dev(grid.int()), dev(prm.float()), dev(scale.float()),
+            dev(shift.float()), out, crop)
+    launch = _crop_kernel[(n, triton.cdiv(crop * crop, block))]
+    key = (out_dtype, device)
+    if key in _COMPILED:
+        launch(*args, BLOCK=block, ROUND=out_dtype == torch.uint8)
+    else:  # the first call compiles: one thread at a time
+        with _COMPILE_LOCK:
+            launch(*args, BLOCK=block, ROUND=out_dtype == torch.uint8)
+            _COMPILED.add(key)
     return out.permute(0, 3, 1, 2)
+
+
+_COMPILE_LOCK = threading.Lock()
+_COMPILED = set()
 
 
 def _norm_consts(mean, std):
