@@ -137,7 +137,7 @@ def cpu_batches(shards, batch, workers, crop, aug, total):
     return loader
 
 
-def gpu_batches(shards, batch, workers, crop, aug, total, cpu_fraction=0.0, decoder=None, threads=2):
+def gpu_batches(shards, batch, workers, crop, aug, total, cpu_fraction=0.0, decoder=None, threads=1):
     """(d)/(e): the project's GPU path, as tools.train --decode gpu [--cpu-fraction] runs it."""
     from tools.imagenet.loader import train_loader
     loader = train_loader(shards, global_batch_size=batch, epoch=1, seed=0, rank=0, world_size=1,
@@ -305,9 +305,9 @@ def parse_args(argv=None):
                    help="DataLoader workers of the decoding paths b, c, e (default: all cores)")
     p.add_argument("--raw-workers", type=int, default=4,
                    help="workers of the GPU path d, which only read shards (default 4)")
-    p.add_argument("--decode-threads", type=int, default=2,
-                   help="GPU path: decode threads of GpuBatchPipeline (default 2)")
-    p.add_argument("--hybrid-fractions", default="0.2,0.35,0.5",
+    p.add_argument("--decode-threads", type=int, default=1,
+                   help="GPU path: decode threads of GpuBatchPipeline (default 1)")
+    p.add_argument("--hybrid-fractions", default="0.1,0.2,0.3",
                    help="comma list: shares of each batch the workers decode in the hybrid path e")
     p.add_argument("--steps", type=int, default=20, help="steps per timed window (default 20)")
     p.add_argument("--warmup", type=int, default=8,
@@ -398,7 +398,7 @@ def main(argv=None) -> int:
             if path[0] != "b":
                 run("none", path, make, touch_step, to_dev)
         if "d" in paths:
-            for t in sorted({0, 1, 3} - {T}):
+            for t in sorted({0, 1, 2} - {T}):
                 run("none", f"d gpu t{t}", lambda t=t: gpu_batches(shards, B, args.raw_workers, C, args.aug,
                                                                    total, threads=t), touch_step)
             other = "crop" if args.aug == "rrc" else "rrc"

@@ -413,3 +413,14 @@ def test_train_with_gpu_decode_reports_bad_samples(tmp_path):
     assert len(rows) == 2 and rows[1].startswith(bad_key + "\t") and "cannot decode" in rows[1]
     final = json.loads((out / "final.json").read_text())
     assert final["val_count"] == info["val_total"] - 1 and final["steps_per_rank"] == [2]
+
+
+def test_threaded_pipeline_runs_ahead_only_prefetch_batches():
+    import time
+    raws = [{"jpegs": [_encode("jpeg", w=40, h=40)], "labels": [i]} for i in range(30)]
+    pipe = gd.GpuBatchPipeline(raws, gd.GpuAugment(16, mode="center"), device="cpu", threads=2, prefetch=3)
+    it = iter(pipe)
+    next(it)
+    time.sleep(1.0)  # a slow step (e.g. one being compiled): the threads must wait, not fill memory
+    assert pipe.stats["batches"] <= 1 + 3 + 2
+    assert [int(y) for _, y in it] == list(range(1, 30))

@@ -88,8 +88,8 @@ def parse_args(argv=None):
       "gpu when CUDA works")
     a("--cpu-fraction", type=float, default=0.0, help="--decode gpu: share of each batch the "
       "workers decode and crop on the CPU (hybrid; raise it when the GPU decoder is the limit)")
-    a("--decode-threads", type=int, default=2, help="--decode gpu: host threads decoding and "
-      "cropping batches ahead, each with its own CUDA stream")
+    a("--decode-threads", type=int, default=1, help="--decode gpu: host threads decoding and "
+      "cropping batches ahead, each with its own CUDA stream (nvJPEG serialises its calls)")
     a("--shuffle-buffer", type=int, default=1000, help="samples in each loader's shuffle buffer")
     a("--normalize", default="manifest", choices=["manifest", "imagenet"],
       help="mean/std from the train manifest or the usual ImageNet constants")

@@ -603,7 +603,7 @@ class GpuBatchPipeline:
     batch i+1 is queued on one side stream before batch i is handed out, all in the caller's
     thread. On a CPU device the same runs without streams (threads=0: all in the caller's thread)."""
 
-    def __init__(self, batches, augment, device="cuda", prefetch=3, threads=2, decoder=None,
+    def __init__(self, batches, augment, device="cuda", prefetch=3, threads=1, decoder=None,
                  on_failure=None):
         self.batches, self.augment = batches, augment
         self.device = torch.device(device)
@@ -710,6 +710,9 @@ class GpuBatchPipeline:
     def _threaded(self):
         todo = queue.Queue(maxsize=self.prefetch + self.threads)
         ready = queue.Queue()
+        # batches decoded (or being decoded) but not yet handed over: without this bound the
+        # threads run ahead of a slow consumer (e.g. a step being compiled) and fill the GPU
+        slots = threading.Semaphore(self.prefetch + self.threads)
         stop = threading.Event()
         # created here, in the caller's thread: a DataLoader forks its workers on iter()
         it = iter(self.batches)
@@ -746,6 +749,9 @@ class GpuBatchPipeline:
                             continue
                         if item is None:
                             break
+                        while not slots.acquire(timeout=0.1):
+                            if stop.is_set():
+                                return
                         ready.put((item[0], self._submit(stream, item[1], item[0])))
             except BaseException as exc:
                 ready.put((-1, exc))
@@ -760,8 +766,10 @@ class GpuBatchPipeline:
         try:
             while True:
                 if index in pending:
-                    yield self._hand_over(*pending.pop(index))
+                    batch = self._hand_over(*pending.pop(index))
+                    slots.release()
                     index += 1
+                    yield batch
                     continue
                 if finished == self.threads:
                     return
