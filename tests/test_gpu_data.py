@@ -297,7 +297,8 @@ TRITON_CHECK = """
 import torch
 from tools.imagenet import gpu_data as gd
 g = torch.Generator().manual_seed(0)
-images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g).to(dev)
           for h, w in [(72, 96), (96, 72), (64, 64), (80, 130), (40, 50)]]
 for mode in ("crop", "rrc", "center"):
     boxes = gd.GpuAugment(48, mode=mode, seed=3).boxes([im.shape[-2:] for im in images])
@@ -317,7 +318,10 @@ print("ok")
 
 def test_triton_crop_kernel_matches_torch_version():
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    # the real kernel on a GPU; Triton's interpreter (numpy) on the CPU
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
