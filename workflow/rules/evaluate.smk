@@ -14,6 +14,8 @@ rule evaluate:
         ten_crop="--ten-crop" if config["evaluate"].get("ten_crop") else "",
         batch_size=config["evaluate"].get("batch_size", 256),
         workers=config["evaluate"].get("workers", 8),
+        decode=config["evaluate"].get("decode", "auto"),
     shell:
         "{PY} -m tools.evaluate --run-dir {params.run_dir} --shards {input.shards} --output {output}"
-        " --device {params.device} --batch-size {params.batch_size} --workers {params.workers} {params.ten_crop}"
+        " --device {params.device} --batch-size {params.batch_size} --workers {params.workers}"
+        " --decode {params.decode} {params.ten_crop}"
