@@ -158,8 +158,7 @@ def random_resized_crop(img, size, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
 
 
 def center_crop(img, size):
-    w, h = img.size
-    x, y = (w - size) // 2, (h - size) // 2
+    y, x = preprocess.center_offsets(img.size[1], img.size[0], size)
     return img.crop((x, y, x + size, y + size))
 
 
@@ -386,8 +385,5 @@ def val_loader(shards_dir, batch_size, rank, world_size, workers, crop_size, ten
     return Loader(ds, workers, num_samples=count, pin_memory=None if decode == "cpu" else False)
 
 
-def normalize(x, mean, std):
-    """uint8 NCHW (any memory format) -> float, scaled to 0..1, minus mean, over std, per channel."""
-    mean = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    std = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    return x.float().div_(255).sub_(mean).div_(std)
+# One formula for every path (train, evaluate, predict): it lives in preprocess.
+normalize = preprocess.normalize
