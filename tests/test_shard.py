@@ -149,3 +149,12 @@ def test_fast_tar_header_is_a_valid_fixed_ustar_header():
         # Python >= 3.11.4 / 3.12 leave device numbers of regular files empty: then bytes match tarfile's
         if _tar_header_pax("x", 0)[329:337] == bytes(8):
             assert header == _tar_header_pax(name, size), name
+
+
+def test_shard_count_setting_gives_that_many_shards(mini_resized, tmp_path):
+    out = tmp_path / "shards"
+    run_tool("shard", "--src", mini_resized, "--out", out, "--train-shards", 4, "--val-shards", 3, "--workers", 1)
+    train, val = (json.loads((out / f"{s}.json").read_text()) for s in ("train", "val"))
+    assert len(train["shards"]) == 4 and len(val["shards"]) == 3
+    counts = [s["num_samples"] for s in train["shards"]]
+    assert sum(counts) == train["num_samples"] and max(counts) - min(counts) <= 3

@@ -224,11 +224,18 @@ def default_workers():
         return os.cpu_count() or 1
 
 
-def run(src, out, train_shard_size=1000, val_shard_size=500, seed=0, workers=None):
-    """Write shards and manifests for both splits into `out`; returns {"train": manifest, "val": manifest}."""
+def size_for_count(num_samples, num_shards):
+    """Samples per shard that give `num_shards` shards (fewer only when there are fewer samples)."""
+    return max(1, -(-num_samples // num_shards))
+
+
+def run(src, out, train_shard_size=1000, val_shard_size=500, seed=0, workers=None, train_shards=0, val_shards=0):
+    """Write shards and manifests for both splits into `out`; returns {"train": manifest, "val": manifest}.
+    A shard count (train_shards / val_shards > 0) takes precedence over the shard size."""
     classes, splits = collect(src)
     splits["train"] = shuffled(splits["train"], seed)
-    sizes = {"train": train_shard_size, "val": val_shard_size}
+    sizes = {"train": size_for_count(len(splits["train"]), train_shards) if train_shards else train_shard_size,
+             "val": size_for_count(len(splits["val"]), val_shards) if val_shards else val_shard_size}
     workers = workers or default_workers()
     out = Path(out)
     manifests = {}
@@ -298,6 +305,11 @@ def parse_args(argv=None):
                    help="train samples per shard (default: 1000, i.e. 1282 shards for ImageNet; see above)")
     p.add_argument("--val-shard-size", type=int, default=500,
                    help="val samples per shard (default: 500, i.e. 100 shards for ImageNet)")
+    p.add_argument("--train-shards", type=int, default=0,
+                   help="number of train shards instead of a size: e.g. a multiple of GPUs x loader workers "
+                        "(default: 0, use --train-shard-size)")
+    p.add_argument("--val-shards", type=int, default=0,
+                   help="number of val shards instead of a size (default: 0, use --val-shard-size)")
     p.add_argument("--seed", type=int, default=0, help="seed of the global train shuffle (default: 0)")
     p.add_argument("--workers", type=int, default=None,
                    help="processes writing shards in parallel, each a whole shard; 1 writes in this process "
@@ -305,6 +317,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.train_shard_size < 1 or args.val_shard_size < 1:
         p.error("shard sizes must be >= 1")
+    if args.train_shards < 0 or args.val_shards < 0:
+        p.error("shard counts must be >= 0")
     if args.workers is not None and args.workers < 1:
         p.error("--workers must be >= 1")
     return args
@@ -313,7 +327,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        manifests = run(args.src, args.out, args.train_shard_size, args.val_shard_size, args.seed, args.workers)
+        manifests = run(args.src, args.out, args.train_shard_size, args.val_shard_size, args.seed, args.workers,
+                        args.train_shards, args.val_shards)
     except ShardError as e:
         print(f"shard: error: {e}", file=sys.stderr)
         return 1
