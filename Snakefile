@@ -54,3 +54,7 @@ rule evaluate_alexnet:
 rule evaluate_overfeat:
     input:
         WORK / "runs/overfeat/eval.json",
+
+
+onsuccess:
+    show_results(MODELS)

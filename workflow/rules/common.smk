@@ -1,5 +1,6 @@
 # Helpers shared by the rules: paths, tool sources (listed as inputs so that editing a tool reruns
 # its stage and everything after it), and the check for the raw archives.
+import json
 import sys
 from pathlib import Path
 
@@ -88,3 +89,19 @@ def flag_args(settings, skip=()):
         else:
             args += [flag, str(value)]
     return " ".join(args)
+
+
+def show_results(models):
+    """After a successful run, say where each trained model stands and where its curves are."""
+    for model in models:
+        run_dir = WORK / "runs" / model
+        final, evaluation = run_dir / "final.json", run_dir / "eval.json"
+        if not final.exists():
+            continue
+        f = json.loads(final.read_text())
+        line = (f"{model}: epoch {f['epoch']}, val top-1 error {f['val_top1_err']:.2f}%, "
+                f"top-5 error {f['val_top5_err']:.2f}%; curves: {run_dir / 'curves.png'}")
+        if evaluation.exists():
+            e = json.loads(evaluation.read_text())
+            line += f"; evaluated: top-1 {e['top1_error']:.2f}%, top-5 {e['top5_error']:.2f}% ({evaluation})"
+        print(line)
