@@ -157,4 +157,12 @@ def test_shard_count_setting_gives_that_many_shards(mini_resized, tmp_path):
     train, val = (json.loads((out / f"{s}.json").read_text()) for s in ("train", "val"))
     assert len(train["shards"]) == 4 and len(val["shards"]) == 3
     counts = [s["num_samples"] for s in train["shards"]]
-    assert sum(counts) == train["num_samples"] and max(counts) - min(counts) <= 3
+    assert sum(counts) == train["num_samples"] and max(counts) - min(counts) <= 1
+    assert train["resize_size"] == json.loads((mini_resized / "resize.json").read_text())["short_side"]
+
+
+def test_shard_bounds_give_exactly_the_count():
+    from tools.shard import shard_bounds
+    assert len(shard_bounds(400, num_shards=64)) == 65 and len(shard_bounds(10, num_shards=6)) == 7
+    assert shard_bounds(10, num_shards=20) == list(range(11))
+    assert shard_bounds(10, shard_size=4) == [0, 4, 8, 10]

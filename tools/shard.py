@@ -224,9 +224,13 @@ def default_workers():
         return os.cpu_count() or 1
 
 
-def size_for_count(num_samples, num_shards):
-    """Samples per shard that give `num_shards` shards (fewer only when there are fewer samples)."""
-    return max(1, -(-num_samples // num_shards))
+def shard_bounds(num_samples, shard_size=0, num_shards=0):
+    """[start, ..., end] sample offsets of the shards: fixed-size shards, or exactly `num_shards` shards
+    whose sizes differ by at most one (fewer only when there are fewer samples than shards)."""
+    if num_shards:
+        num_shards = max(1, min(num_shards, num_samples))
+        return [i * num_samples // num_shards for i in range(num_shards + 1)]
+    return list(range(0, num_samples, shard_size)) + [num_samples]
 
 
 def run(src, out, train_shard_size=1000, val_shard_size=500, seed=0, workers=None, train_shards=0, val_shards=0):
@@ -234,8 +238,11 @@ def run(src, out, train_shard_size=1000, val_shard_size=500, seed=0, workers=Non
     A shard count (train_shards / val_shards > 0) takes precedence over the shard size."""
     classes, splits = collect(src)
     splits["train"] = shuffled(splits["train"], seed)
-    sizes = {"train": size_for_count(len(splits["train"]), train_shards) if train_shards else train_shard_size,
-             "val": size_for_count(len(splits["val"]), val_shards) if val_shards else val_shard_size}
+    sizes = {"train": train_shard_size, "val": val_shard_size}
+    counts = {"train": train_shards, "val": val_shards}
+    # The resize stage's short side travels with the data, so training records it for predict.
+    resize_info = Path(src) / "resize.json"
+    short_side = json.loads(resize_info.read_text()).get("short_side") if resize_info.exists() else None
     workers = workers or default_workers()
     out = Path(out)
     manifests = {}
@@ -243,10 +250,10 @@ def run(src, out, train_shard_size=1000, val_shard_size=500, seed=0, workers=Non
         tmp.mkdir(parents=True)
         tasks = []
         for split, samples in splits.items():
-            size = sizes[split]
-            for i, start in enumerate(range(0, len(samples), size)):
+            bounds = shard_bounds(len(samples), sizes[split], counts[split])
+            for i, (start, end) in enumerate(zip(bounds, bounds[1:])):
                 name = SHARD_NAME.format(split=split, index=i)
-                tasks.append((i, split, str(tmp / name), samples[start:start + size], split == "train"))
+                tasks.append((i, split, str(tmp / name), samples[start:end], split == "train"))
         # Biggest work first so the last shards do not leave cores idle at the end.
         tasks.sort(key=lambda t: (-len(t[3]) * (2 if t[4] else 1), t[1], t[0]))
         entries = {"train": {}, "val": {}}
@@ -275,7 +282,9 @@ def run(src, out, train_shard_size=1000, val_shard_size=500, seed=0, workers=Non
                 "num_samples": len(samples),
                 "num_classes": len(classes),
                 "classes": classes,
-                "shard_size": sizes[split],
+                "shard_size": None if counts[split] else sizes[split],
+                "num_shards": len(shards),
+                "resize_size": short_side,
                 "seed": seed,
                 "shuffled": split == "train",
                 "shards": [{k: v for k, v in e.items() if not k.startswith("_")} for e in shards],
