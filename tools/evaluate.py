@@ -18,7 +18,6 @@ only read the shards, and the JPEGs are decoded (nvJPEG) and center-cropped on t
 crops always decode on the CPU. An image that cannot be decoded is reported and the run fails.
 """
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,11 +28,11 @@ import torch.distributed as dist
 from tools.imagenet import checkpoint as ckpt_io
 from tools.imagenet import fsutil
 from tools.imagenet.classes import class_name
+from tools.imagenet.distributed import AMP_DTYPES, amp_dtype, setup
 from tools.imagenet.evaluation import evaluate, most_confused
 from tools.imagenet.loader import read_manifest, resolve_decode, val_loader
 from tools.imagenet.models import build_model
 
-AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(argv=None):
@@ -57,7 +56,7 @@ def parse_args(argv=None):
                    help="where the JPEGs are decoded and cropped: cpu (PIL in the loader workers), gpu "
                         "(nvJPEG + a crop kernel on the device; on a CPU device the same code runs on "
                         "the CPU) or auto (gpu where CUDA works, cpu for --ten-crop) (default: auto)")
-    p.add_argument("--amp", choices=sorted(AMP), default="none",
+    p.add_argument("--amp", choices=sorted(AMP_DTYPES), default="none",
                    help="autocast dtype for the forward pass (default: none, full fp32)")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format (faster on GPUs)")
     p.add_argument("--top-confused", type=int, default=20,
@@ -72,22 +71,6 @@ def parse_args(argv=None):
     if args.device not in ("auto", "cpu", "cuda"):
         p.error("--device must be auto, cpu or cuda")
     return args
-
-
-def setup_distributed(device_name):
-    """(rank, world_size, device); joins the torchrun process group when WORLD_SIZE > 1."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda asked for, but torch sees no CUDA GPU: use --device cpu")
-    device = torch.device(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
 
 
 def find_checkpoint(args):
@@ -149,7 +132,7 @@ def summary(doc, worst=5):
 
 
 def run(args):
-    rank, world, device = setup_distributed(args.device)
+    rank, world, device = setup(args.device)
     path = find_checkpoint(args)
     ckpt = ckpt_io.load(path)
     manifest = read_manifest(args.shards, "val")
@@ -172,7 +155,7 @@ def run(args):
                                on_failure=lambda key, reason: print(f"evaluate: cannot decode {key}: {reason}",
                                                                     file=sys.stderr, flush=True))
     start = time.perf_counter()
-    result = evaluate(model, batches, device, ckpt["mean"], ckpt["std"], amp_dtype=AMP[args.amp],
+    result = evaluate(model, batches, device, ckpt["mean"], ckpt["std"], amp_dtype=amp_dtype(args.amp, device),
                       channels_last=args.channels_last, num_classes=ckpt["num_classes"], progress=True)
     seconds = time.perf_counter() - start
     if result["count"] != manifest["num_samples"]:

@@ -42,6 +42,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from tools.imagenet import checkpoint as ckpt
+from tools.imagenet.distributed import all_reduce, setup
+from tools.imagenet.distributed import amp_dtype as autocast_dtype
 from tools.imagenet import fsutil
 from tools.imagenet.evaluation import evaluate
 from tools.imagenet import gpu_data
@@ -112,7 +114,7 @@ def parse_args(argv=None):
       "ranks; owt: data-parallel conv trunk, classifier neurons split over the ranks (one weird "
       "trick; archs with .features/.avgpool/.classifier, e.g. the seed's); on one process both "
       "train the plain model")
-    a("--amp", default="none", choices=["bf16", "none"], help="autocast to bfloat16")
+    a("--amp", default="none", choices=["bf16", "none"], help="autocast to bfloat16 on GPUs (no effect on the CPU)")
     a("--channels-last", action="store_true", help="NHWC memory format for model and input")
     a("--compile", action="store_true", help="torch.compile the model (under --parallel owt "
       "its .features only)")
@@ -131,22 +133,6 @@ def parse_args(argv=None):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
-
-
-def setup_distributed(args):
-    """(rank, world_size, device) from the torchrun environment; init the process group."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but no GPU is visible")
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    if world > 1:
-        kw = {"device_id": device} if use_cuda else {}
-        dist.init_process_group("nccl" if use_cuda else "gloo", **kw)
-    return rank, world, device
 
 
 def seed_all(seed):
@@ -175,12 +161,6 @@ def versions(world, device):
          "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
          "host": platform.node(), "world_size": world, "device": str(device)}
     return v
-
-
-def all_reduce(t):
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t
 
 
 def topk_correct(logits, y):
@@ -236,7 +216,7 @@ class StopFlag:
 def train_epoch(epoch, model, optimizer, schedule, loader, device, mean, std, args, rank, world,
                 stop, log):
     """One epoch; returns the epoch's global train numbers or None when interrupted."""
-    amp_dtype = torch.bfloat16 if args.amp == "bf16" else None
+    amp_dtype = autocast_dtype(args.amp, device)
     n = len(loader)
     lr = schedule.apply(optimizer, epoch)
     model.train()
@@ -319,7 +299,9 @@ def parallelize(raw, args, world, device):
         if args.compile:
             raw.features.compile()  # the trunk only: owt's collectives stay outside the graph
         try:
-            return wrap_owt(raw, device=device, even_batches=True), val_model
+            # The GPU data path may drop an undecodable image, so local batches can differ.
+            even = not (device.type == "cuda" and args.decode != "cpu")
+            return wrap_owt(raw, device=device, even_batches=even), val_model
         except ValueError as exc:
             raise SystemExit(f"error: --parallel owt: {exc}; use --parallel ddp") from None
     raw.to(device)
@@ -404,8 +386,11 @@ def train(args, rank, world, device, stop):
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
     if state is not None:
         load_optimizer(model, optimizer, state["optimizer"])
-        schedule.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
+        # The schedule comes from the command line (e.g. --epochs raised to train longer); the
+        # RNG needs no restore: every epoch reseeds from (seed, epoch, rank).
+        if state["scheduler"] != schedule.state_dict() and rank == 0:
+            print(f"note: the schedule differs from the checkpoint's ({state['scheduler']}); "
+                  f"continuing with the command line's ({schedule.state_dict()})", flush=True)
         start = state["epoch"] + 1
         if rank == 0:
             print(f"resuming from {found} (epoch {state['epoch']}, saved under --parallel "
@@ -417,7 +402,7 @@ def train(args, rank, world, device, stop):
         fsutil.write_json_atomic(out / "settings.json", {"settings": settings_of(args),
                                                          "versions": versions(world, device)})
 
-    amp_dtype = torch.bfloat16 if args.amp == "bf16" else None
+    amp_dtype = autocast_dtype(args.amp, device)
     local_batch = args.batch_size // world
     decode = resolve_decode(args.decode) if device.type == "cuda" or args.decode != "auto" else "cpu"
     bad_log = gpu_data.failure_log(out / "bad_samples.tsv", rank=rank)
@@ -488,7 +473,7 @@ def train(args, rank, world, device, stop):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup_distributed(args)
+    rank, world, device = setup(args.device)
     try:
         with StopFlag() as stop:
             return train(args, rank, world, device, stop)

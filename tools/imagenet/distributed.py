@@ -1,0 +1,38 @@
+"""The torchrun environment, shared by train and evaluate: one process per GPU (NCCL), or CPU
+processes (gloo) where there is no GPU."""
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def setup(device_name="auto"):
+    """(rank, world_size, device) from torchrun's variables; joins the process group when
+    WORLD_SIZE > 1. device_name: auto (cuda if available), cuda or cpu."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda asked for, but torch sees no CUDA GPU: use --device cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1:
+        kw = {"device_id": device} if use_cuda else {}
+        dist.init_process_group("nccl" if use_cuda else "gloo", **kw)
+    return rank, world, device
+
+
+def all_reduce(t):
+    """Sum over the ranks in place (a no-op in a single process); returns t."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def amp_dtype(name, device):
+    """The autocast dtype for a setting: autocast on GPUs only (on the CPU it is slow and changes
+    the numbers for no gain), so CPU runs and CPU evaluations compute alike."""
+    return AMP_DTYPES[name] if device.type == "cuda" else None
