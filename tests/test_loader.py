@@ -129,3 +129,34 @@ def test_normalize_channels_last_input():
 def test_missing_manifest_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="train.json"):
         L.read_manifest(tmp_path, "train")
+
+
+def _corrupt(shard, index, data=b"<html>not an image</html>"):
+    """Replace the jpg of the shard's `index`-th sample; returns its key."""
+    import io
+    import tarfile
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    key = [m.name for m, _ in members if m.name.endswith(".jpg")][index].split(".")[0]
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for m, blob in members:
+            if m.name == f"{key}.jpg":
+                blob = data
+                m.size = len(blob)
+            tar.addfile(m, io.BytesIO(blob))
+    return key
+
+
+def test_hybrid_batch_hands_an_undecodable_sample_to_the_gpu_path(tmp_path):
+    from tools.imagenet import gpu_data as gd
+    info = write_shards(tmp_path, train_counts=[8], val_counts=[2])
+    bad = _corrupt(info["dir"] / "train-000000.tar", 3)
+    loader = L.train_loader(info["dir"], 8, epoch=1, seed=0, rank=0, world_size=1, workers=0,
+                            crop_size=32, decode="gpu", cpu_fraction=1.0)
+    raw = next(iter(loader))  # the worker's decode failed: the sample travels undecoded
+    assert raw["keys"] == [bad] and raw["pre"].shape == (7, 3, 32, 32)
+    seen = []
+    pipe = gd.GpuBatchPipeline([raw], gd.GpuAugment(32, mode="crop"), device="cpu", threads=0,
+                               on_failure=lambda key, reason: seen.append(key))
+    (x, y), = list(pipe)
+    assert seen == [bad] and x.shape == (7, 3, 32, 32) and torch.equal(y, raw["pre_labels"])

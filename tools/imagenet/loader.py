@@ -257,11 +257,19 @@ class TrainStream(IterableDataset):
             if len(batch) < self.local_batch:
                 continue
             pre = pre_labels = None
-            if n_cpu:
-                pre, pre_labels = _batch([crop(_open_rgb(p, s, self.crop_size), self.crop_size, rng)
-                                          for p, s in batch[:n_cpu]],
-                                         [int(s["cls"]) for _, s in batch[:n_cpu]])
-            yield _raw_batch([s for _, s in batch[n_cpu:]], pre, pre_labels)
+            images, labels, undecoded = [], [], []
+            for p, s in batch[:n_cpu]:
+                try:
+                    img = _open_rgb(p, s, self.crop_size)
+                except ValueError:
+                    # left to the GPU path: it retries the sample and reports it if that fails too
+                    undecoded.append(s)
+                    continue
+                images.append(crop(img, self.crop_size, rng))
+                labels.append(int(s["cls"]))
+            if images:
+                pre, pre_labels = _batch(images, labels)
+            yield _raw_batch(undecoded + [s for _, s in batch[n_cpu:]], pre, pre_labels)
             batch = []
 
 
