@@ -111,9 +111,13 @@ def evaluate(model, batches, device, mean, std, amp_dtype=None, channels_last=Fa
             hit5 = (top == labels[:, None]).any(dim=1)
             nll = -logp.gather(1, labels[:, None]).squeeze(1)
             loss_sum += (nll.double() * LOSS_SCALE).round().long().sum()
-            counts += torch.stack([torch.tensor(labels.numel(), device=device), hit1.sum(), hit5.sum()])
-            class_count += torch.bincount(labels, minlength=c)
-            class_correct += torch.bincount(labels[hit1], minlength=c)
+            # Device-side only: no host sync per batch (a new tensor from a Python int, bincount
+            # and boolean indexing on CUDA would each be one).
+            counts[0] += labels.numel()
+            counts[1] += hit1.sum()
+            counts[2] += hit5.sum()
+            class_count.index_add_(0, labels, torch.ones_like(labels))
+            class_correct.index_add_(0, labels, hit1.long())
             confusion.index_put_((labels * c + pred,), torch.ones_like(pred), accumulate=True)
             if keep_predictions:
                 kept["label"].append(labels.cpu())
