@@ -40,8 +40,3 @@ def read_val_labels(path=BUNDLED_VAL_LABELS) -> dict:
                 raise ValueError(f"{path}: expected 'filename,wnid' rows, got {row!r}")
             labels[row[0].strip()] = row[1].strip()
     return labels
-
-
-def class_index(wnids) -> dict:
-    """{wnid: index} with index = position in sorted order."""
-    return {wnid: i for i, wnid in enumerate(sorted(set(wnids)))}
