@@ -350,6 +350,31 @@ def test_threaded_pipeline_keeps_order_and_crops():
     assert not torch.equal(outs[0][0][0][0], outs[0][1][0][0])
 
 
+def test_threaded_pipeline_no_deadlock_when_a_thread_is_slow_to_take_its_slot(monkeypatch):
+    """The decode thread holding batch 0 stalls right after taking it from the queue; the other
+    threads must not take every slot with later batches (the consumer waits for batch 0)."""
+    import queue
+    import threading
+    import time
+
+    class StallOnFirstBatch(queue.Queue):
+        def get(self, *args, **kwargs):
+            item = super().get(*args, **kwargs)
+            if isinstance(item, tuple) and item[0] == 0 and isinstance(item[1], dict):
+                time.sleep(0.5)
+            return item
+
+    monkeypatch.setattr(gd.queue, "Queue", StallOnFirstBatch)
+    raws = [{"jpegs": [_encode("jpeg", w=20, h=20)], "labels": [i]} for i in range(12)]
+    pipe = gd.GpuBatchPipeline(raws, gd.GpuAugment(16, mode="center"), device="cpu", threads=3, prefetch=1)
+    labels = []
+    consumer = threading.Thread(target=lambda: labels.extend(int(y) for _, y in pipe), daemon=True)
+    consumer.start()
+    consumer.join(timeout=30)
+    assert not consumer.is_alive(), "pipeline deadlocked"
+    assert labels == list(range(12))
+
+
 def test_threaded_pipeline_raises_a_producer_error():
     def broken():
         yield {"jpegs": [_encode("jpeg")], "labels": [0]}

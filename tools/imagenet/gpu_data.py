@@ -743,15 +743,19 @@ class GpuBatchPipeline:
             try:
                 with torch.cuda.device(self.device) if stream is not None else contextlib.nullcontext():
                     while not stop.is_set():
-                        try:
-                            item = todo.get(timeout=0.1)
-                        except queue.Empty:
+                        # the slot first, then the batch: slots then belong to the batches right
+                        # after the consumer's, never to later ones while an earlier one waits
+                        if not slots.acquire(timeout=0.1):
                             continue
-                        if item is None:
+                        item = _DONE
+                        while item is _DONE and not stop.is_set():
+                            try:
+                                item = todo.get(timeout=0.1)
+                            except queue.Empty:
+                                pass
+                        if item is None or item is _DONE:
+                            slots.release()
                             break
-                        while not slots.acquire(timeout=0.1):
-                            if stop.is_set():
-                                return
                         ready.put((item[0], self._submit(stream, item[1], item[0])))
             except BaseException as exc:
                 ready.put((-1, exc))
