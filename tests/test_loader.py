@@ -160,3 +160,15 @@ def test_hybrid_batch_hands_an_undecodable_sample_to_the_gpu_path(tmp_path):
                                on_failure=lambda key, reason: seen.append(key))
     (x, y), = list(pipe)
     assert seen == [bad] and x.shape == (7, 3, 32, 32) and torch.equal(y, raw["pre_labels"])
+
+
+def test_workers_start_on_iter_not_on_first_batch(shards):
+    """GpuBatchPipeline calls iter() in the caller's thread and next() in its fetch thread: the
+    workers must fork at iter(), before that thread exists."""
+    import multiprocessing
+    loader = L.train_loader(shards["dir"], 4, epoch=1, seed=0, rank=0, world_size=1, workers=1,
+                            crop_size=32, decode="gpu")
+    before = set(multiprocessing.active_children())
+    it = iter(loader)
+    assert set(multiprocessing.active_children()) - before
+    assert len(list(it)) == len(loader)

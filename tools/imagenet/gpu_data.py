@@ -714,7 +714,8 @@ class GpuBatchPipeline:
         # threads run ahead of a slow consumer (e.g. a step being compiled) and fill the GPU
         slots = threading.Semaphore(self.prefetch + self.threads)
         stop = threading.Event()
-        # created here, in the caller's thread: a DataLoader forks its workers on iter()
+        # iter() here, in the caller's thread, before any of ours runs: a DataLoader (and
+        # tools.imagenet.loader.Loader) forks its worker processes on iter()
         it = iter(self.batches)
 
         def put(q, item):  # gives up when the consumer has gone

@@ -335,7 +335,12 @@ class Loader:
                             pin_memory=self.pin_memory,
                             prefetch_factor=4 if self.workers else None,
                             worker_init_fn=_worker_init if self.workers else None)
-        it = iter(loader)
+        # The workers fork here, in the caller's thread, not at the first next(): that may come
+        # from GpuBatchPipeline's fetch thread, and a fork beside running threads can inherit a
+        # lock one of them holds.
+        return self._take(iter(loader))
+
+    def _take(self, it):
         try:
             if self.num_batches is None:
                 yield from it
