@@ -172,3 +172,12 @@ def test_workers_start_on_iter_not_on_first_batch(shards):
     it = iter(loader)
     assert set(multiprocessing.active_children()) - before
     assert len(list(it)) == len(loader)
+
+
+def test_gpu_decode_never_pins_raw_bytes(shards, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a CUDA machine's defaults
+    kw = dict(epoch=1, seed=0, rank=0, world_size=1, workers=0, crop_size=32)
+    assert L.train_loader(shards["dir"], 4, **kw).pin_memory is True
+    for fraction in (0.0, 0.5):
+        assert L.train_loader(shards["dir"], 4, decode="gpu", cpu_fraction=fraction, **kw).pin_memory is False
+    assert L.val_loader(shards["dir"], 4, 0, 1, 0, 32, decode="gpu").pin_memory is False

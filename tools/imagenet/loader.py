@@ -321,7 +321,6 @@ class Loader:
 
     def __init__(self, dataset, workers, num_batches=None, num_samples=None, pin_memory=None):
         self.dataset, self.workers = dataset, workers
-        # raw JPEG bytes are read by the GPU decoder's host stage: pinning them only costs a copy
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.num_batches, self.num_samples = num_batches, num_samples
 
@@ -380,8 +379,9 @@ def train_loader(shards_dir, global_batch_size, epoch, seed, rank, world_size, w
     ds = TrainStream(str(shards_dir), _shard_list(manifest), global_batch_size // world_size,
                      epoch, seed, rank, world_size, workers, crop_size, aug, shuffle_buffer,
                      decode, cpu_fraction)
-    return Loader(ds, workers, num_batches=n,
-                  pin_memory=None if decode == "cpu" or cpu_fraction > 0 else False)
+    # decode="gpu": the raw JPEG bytes are read by the decoder's host stage, where pinning them only
+    # costs a copy; GpuBatchPipeline pins the small pre-decoded part itself.
+    return Loader(ds, workers, num_batches=n, pin_memory=None if decode == "cpu" else False)
 
 
 def val_loader(shards_dir, batch_size, rank, world_size, workers, crop_size, ten_crop=False,
