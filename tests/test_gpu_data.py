@@ -214,6 +214,24 @@ def test_decode_fallbacks_cpu():
     _check_decoded(*gd.decode_jpegs(blobs, "cpu", keys=[f"k{i}" for i in range(5)]))
 
 
+def test_cpu_loader_and_gpu_fallback_decode_alike():
+    """Alpha on white, 16-bit scaled, CMYK: one decode for the CPU loader and the GPU fallback."""
+    rgba = Image.new("RGBA", (40, 30), (200, 40, 90, 255))
+    rgba.paste((0, 0, 0, 0), (0, 0, 20, 30))  # left half transparent: white, not black
+    deep = Image.fromarray((np.arange(40 * 30, dtype=np.uint16).reshape(30, 40) * 50).astype(np.uint16))
+    blobs = [_encode("cmyk")]
+    for img in (rgba, deep):
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        blobs.append(buf.getvalue())
+    for i, blob in enumerate(blobs):
+        via_loader = L.center_crop(L._open_rgb("x.tar", {"__key__": "k", "jpg": blob}, 16), 16)
+        via_gpu_path = gd.pil_decode(blob)
+        top, left = preprocess.center_offsets(30, 40, 16)
+        assert torch.equal(preprocess.to_tensor(via_loader), via_gpu_path[:, top:top + 16, left:left + 16]), i
+    assert gd.pil_decode(blobs[1])[:, 0, 0].tolist() == [255, 255, 255]
+
+
 def test_decode_batched_decoder_failure_isolates_bad_images():
     """The GPU code path with a fake batched decoder that, like nvJPEG, fails the whole batch."""
     calls = []

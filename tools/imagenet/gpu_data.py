@@ -35,7 +35,6 @@ Images no decoder can read are dropped from their batch (it gets smaller) and re
 `on_failure(key, reason)` (default: a warning) and `GpuBatchPipeline.failures`; never silently.
 """
 import contextlib
-import io
 import math
 import queue
 import threading
@@ -44,12 +43,11 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image
 
 from torchvision.io import ImageReadMode
 from torchvision.io import decode_jpeg as _tv_decode_jpeg
 
-from tools.resize import to_8bit
+from tools.imagenet.loader import decode_rgb
 
 # torchvision 0.29 deprecates its image codecs in favour of torchcodec (a warning per call; 0.26
 # has none). Silenced per call because test runners reset module-level filters; the worst a race
@@ -93,15 +91,10 @@ def _as_tensor(blob):
 # ---------------------------------------------------------------------------------------- decode
 
 def pil_decode(blob):
-    """Any image PIL reads, found by content -> uint8 3 x H x W RGB tensor (CPU).
-
-    CMYK, grayscale, palette, 16-bit and alpha images are converted as the resize stage does."""
+    """Any image PIL reads, found by content -> uint8 3 x H x W RGB tensor (CPU): the CPU loader's
+    decode (tools.imagenet.loader.decode_rgb), so both paths give the same pixels."""
     data = blob.numpy().tobytes() if isinstance(blob, torch.Tensor) else bytes(blob)
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        rgb = to_8bit(img)
-        if rgb.mode != "RGB":
-            rgb = rgb.convert("RGB")
+    rgb = decode_rgb(data)
     return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
 from tools.imagenet import preprocess
+from tools.imagenet.image import to_8bit
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -110,19 +111,25 @@ def _shuffled(samples, size, rng):
     yield from buf
 
 
+def decode_rgb(data):
+    """Bytes of any image PIL reads, found by content -> 8-bit RGB PIL image, converted as the resize
+    stage converts (tools.imagenet.image.to_8bit: CMYK, ICC, alpha on white, 16-bit, palette).
+    The one CPU decode: the CPU loader's and the GPU path's fallback (gpu_data.pil_decode), so
+    both give the same pixels. Raises (OSError, ValueError, ...) when nothing can decode it."""
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    rgb = to_8bit(img)
+    return rgb if rgb.mode == "RGB" else rgb.convert("RGB")
+
+
 def _open_rgb(path, sample, min_side):
     try:
-        img = Image.open(io.BytesIO(sample["jpg"]))
-        img = img.convert("RGB")
+        img = decode_rgb(sample["jpg"])
     except Exception as exc:
         raise ValueError(f"{path}: cannot decode {sample['__key__']}.jpg ({exc}); "
                          f"rerun the resize and shard stages") from exc
-    w, h = img.size
-    if min(w, h) < min_side:  # only for images smaller than the crop: never the normal case
-        s = min_side / min(w, h)
-        img = img.resize((max(min_side, round(w * s)), max(min_side, round(h * s))),
-                         Image.BILINEAR)
-    return img
+    # enlarges only images smaller than the crop (never the normal case), as predict does
+    return preprocess.fit_crop(img, min_side)
 
 
 def random_crop(img, size, rng):
