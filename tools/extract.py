@@ -23,7 +23,7 @@ the end, so an interrupted run leaves nothing that looks complete and a rerun st
 import argparse
 import io
 import json
-import os
+import multiprocessing
 import re
 import shutil
 import sys
@@ -34,7 +34,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from tools.imagenet import classes as C
-from tools.imagenet.fsutil import atomic_path, remove
+from tools.imagenet.fsutil import atomic_path, default_workers, exit_on_sigterm
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
@@ -303,19 +303,6 @@ def check_counts(train_counts, val_counts, val_seen, unlabelled, labels, labels_
 
 # ---------------------------------------------------------------- driver
 
-def clean_stale(out):
-    """Remove temporary folders that killed earlier runs left beside `out`."""
-    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid():
-            try:
-                os.kill(int(pid), 0)
-            except ProcessLookupError:
-                remove(tmp)
-            except PermissionError:
-                pass
-
-
 def run_tasks(train_tar, classes, val_tar, labels, dest, workers):
     """Extract every class and the val split; returns ({wnid: count}, val results)."""
     bar = tqdm(total=len(classes), desc="train classes", unit="class", file=sys.stderr)
@@ -328,20 +315,31 @@ def run_tasks(train_tar, classes, val_tar, labels, dest, workers):
             bar.close()
             return train_counts, extract_val(val_tar, labels, dest, progress=True)
         with ProcessPoolExecutor(workers) as pool:
-            # Val is one long sequential stream: start it first so it overlaps the class tars.
-            val_future = pool.submit(extract_val, val_tar, labels, dest)
-            pending = {pool.submit(extract_class, train_tar, *c, dest) for c in classes} | {val_future}
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                for fut in done:
-                    if fut.exception() is not None:
-                        pool.shutdown(wait=True, cancel_futures=True)
-                        raise fut.exception()
-                    if fut is not val_future:
-                        wnid, n = fut.result()
-                        train_counts[wnid] = n
-                        bar.update()
-            return train_counts, val_future.result()
+            try:
+                # Val is one long sequential stream: start it first so it overlaps the class tars.
+                val_future = pool.submit(extract_val, val_tar, labels, dest)
+                pending = {pool.submit(extract_class, train_tar, *c, dest) for c in classes} | {val_future}
+                while pending:
+                    done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                    for fut in done:
+                        if fut.exception() is not None:
+                            pool.shutdown(wait=True, cancel_futures=True)
+                            raise fut.exception()
+                        if fut is not val_future:
+                            wnid, n = fut.result()
+                            train_counts[wnid] = n
+                            bar.update()
+                return train_counts, val_future.result()
+            except (SystemExit, KeyboardInterrupt):
+                # SIGTERM or Ctrl-C: stop the workers now; the pool's exit would otherwise finish every
+                # queued class tar before the caller's atomic_path can remove the partial output.
+                pool.shutdown(wait=False, cancel_futures=True)
+                children = multiprocessing.active_children()
+                for child in children:
+                    child.terminate()
+                for child in children:  # gone before the clean-up removes the folder they write into
+                    child.join(10)
+                raise
     finally:
         bar.close()
 
@@ -356,7 +354,6 @@ def extract(raw_dir, out, val_labels=None, devkit=None, workers=1, expect="auto"
                                "https://image-net.org/download-images after accepting the terms)")
     labels, labels_desc, labels_full = load_labels(val_labels, devkit, raw_dir)
     classes = scan_train(train_tar)
-    clean_stale(out)
     with atomic_path(out) as tmp:
         tmp.mkdir()
         train_counts, (val_counts, val_seen, unlabelled) = run_tasks(train_tar, classes, val_tar, labels, tmp,
@@ -387,12 +384,14 @@ def main(argv=None) -> int:
     p.add_argument("--devkit", type=Path, default=None,
                    help=f"official {DEVKIT} to take val labels from (needs scipy; wins over --val-labels); "
                         "used automatically when it sits in --raw-dir and --val-labels is not given")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="processes extracting class tars in parallel (1 = all in this process; default: all cores)")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="processes extracting class tars in parallel (1 = all in this process; default: the CPU "
+                        "cores this process may use, e.g. those Slurm allotted)")
     p.add_argument("--expect", choices=("auto", "real", "none"), default="auto",
                    help="check the real ILSVRC2012 totals (1,281,167 train, 50,000 val, 1000 classes): "
                         "'auto' when the train archive has 1000 classes, 'real' always, 'none' never")
     args = p.parse_args(argv)
+    exit_on_sigterm()
     try:
         summary = extract(args.raw_dir, args.out, args.val_labels, args.devkit, args.workers, args.expect)
     except ExtractError as e:

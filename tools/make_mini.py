@@ -28,7 +28,6 @@ import csv
 import io
 import json
 import multiprocessing
-import os
 import sys
 import tarfile
 from pathlib import Path
@@ -38,7 +37,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from tools.imagenet.classes import class_names
-from tools.imagenet.fsutil import atomic_path
+from tools.imagenet.fsutil import atomic_path, default_workers
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
@@ -298,8 +297,9 @@ def main(argv=None) -> int:
                    help="plant the real archives' oddities (CMYK, PNG as .JPEG, grayscale, palette/16-bit PNG, "
                         "EXIF rotation, a 4000x3000 image, a non-image file)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives byte-identical output")
-    p.add_argument("--workers", type=int, default=os.cpu_count(),
-                   help="processes that render images (default: all cores); output does not depend on it")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="processes that render images (default: the CPU cores this process may use); "
+                        "output does not depend on it")
     p.add_argument("--min-side", type=int, default=80,
                    help="smallest image side in pixels (default 80: many images under 256 test 'never enlarge')")
     p.add_argument("--max-side", type=int, default=400,

@@ -45,6 +45,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from tools.imagenet import fsutil
+from tools.imagenet.fsutil import default_workers  # noqa: F401 - bench/bench_shard.py imports it from here
 
 TAR_BLOCK = tarfile.BLOCKSIZE  # 512
 TAR_RECORD = tarfile.RECORDSIZE  # 20 blocks: the archive is padded to a whole record, like tar(1) and tarfile
@@ -217,13 +218,6 @@ def mean_std(sums, squares, pixels):
     return mean, std
 
 
-def default_workers():
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def shard_bounds(num_samples, shard_size=0, num_shards=0):
     """[start, ..., end] sample offsets of the shards: fixed-size shards, or exactly `num_shards` shards
     whose sizes differ by at most one (fewer only when there are fewer samples than shards)."""
@@ -243,7 +237,7 @@ def run(src, out, train_shard_size=1000, val_shard_size=500, seed=0, workers=Non
     # The resize stage's short side travels with the data, so training records it for predict.
     resize_info = Path(src) / "resize.json"
     short_side = json.loads(resize_info.read_text()).get("short_side") if resize_info.exists() else None
-    workers = workers or default_workers()
+    workers = workers or fsutil.default_workers()
     out = Path(out)
     manifests = {}
     with fsutil.atomic_path(out) as tmp:
@@ -335,6 +329,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    fsutil.exit_on_sigterm()
     try:
         manifests = run(args.src, args.out, args.train_shard_size, args.val_shard_size, args.seed, args.workers,
                         args.train_shards, args.val_shards)
