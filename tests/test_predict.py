@@ -16,6 +16,7 @@ from tests.conftest import run_tool
 from tests.test_evaluate import trained_run
 from tools import predict as P
 from tools.imagenet import loader
+from tools.imagenet import image
 from tools.imagenet import preprocess as pp
 from tools.imagenet.classes import class_name
 from tools.imagenet.evaluation import evaluate
@@ -32,7 +33,7 @@ def prepared(tmp_path_factory, mini_resized):
 def test_decodes_every_quirk_as_the_resize_stage(mini_raw, mini_extracted, mini_resized):
     for name in QUIRKS:
         rel = mini_raw["quirks"][name]
-        img = pp.load_resized(mini_extracted / rel, 72)
+        img = image.load_resized(mini_extracted / rel, 72)
         assert img.mode == "RGB", name
         # the very pixels the resize stage encoded: its JPEG encode of them gives its file, byte for byte
         buf = io.BytesIO()
@@ -40,7 +41,7 @@ def test_decodes_every_quirk_as_the_resize_stage(mini_raw, mini_extracted, mini_
         assert buf.getvalue() == (mini_resized / rel).read_bytes(), name
     with Image.open(mini_extracted / mini_raw["quirks"]["exif_rotated"]) as raw:
         stored, orientation = raw.size, raw.getexif().get(0x0112)
-    rotated = pp.load_resized(mini_extracted / mini_raw["quirks"]["exif_rotated"], 72).size
+    rotated = image.load_resized(mini_extracted / mini_raw["quirks"]["exif_rotated"], 72).size
     assert orientation in (5, 6, 7, 8) and (rotated[0] > rotated[1]) != (stored[0] > stored[1])
 
 

@@ -1,12 +1,19 @@
 """Resize stage: every real-ImageNet quirk comes out as an RGB baseline JPEG of the right size."""
 import csv
 import io
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from tests.conftest import run_tool
+from tests.conftest import ROOT, run_tool
+from tools.imagenet import image
 from tools.resize import resize_image, target_size
 
 SHORT = 64
@@ -77,6 +84,10 @@ def resized(tmp_path_factory):
     full = _jpeg(_photo(160, 120, seed=3))
     (src / "train" / WNID / "truncated.JPEG").write_bytes(full[: len(full) // 2])
     (src / "val" / WNID / "ILSVRC2012_val_00000001.JPEG").write_bytes(_jpeg(_photo(70, 90)))
+    # what a SIGKILLed earlier run (pid 999999, gone) left beside --dst: a half-written copy
+    stale = tmp / ".dst.tmp-999999"
+    (stale / "train" / WNID).mkdir(parents=True)
+    (stale / "train" / WNID / "plain.JPEG").write_bytes(b"half")
     proc = run_tool("resize", "--src", src, "--dst", tmp / "dst", "--short-side", SHORT, "--quality", 90,
                     "--workers", 2, "--rejected", tmp / "rejected.tsv", "--max-rejected-fraction", 0.2)
     return {"tmp": tmp, "src": src, "dst": tmp / "dst", "quirks": quirks, "proc": proc}
@@ -137,7 +148,51 @@ def test_rejected_files_are_listed_and_the_stage_succeeds(resized):
                       if p.relative_to(resized["src"]).as_posix() not in rejected)
     assert written == expected
     assert (resized["dst"] / "resize.json").exists()
-    assert not list(resized["tmp"].glob(".dst.tmp-*"))
+    assert not list(resized["tmp"].glob(".dst.tmp-*"))  # its own temporary folder and the stale one
+
+
+def test_stale_temporary_folder_of_a_killed_run_is_removed(resized):
+    assert not (resized["tmp"] / ".dst.tmp-999999").exists()
+
+
+def test_sigterm_removes_the_temporary_output(tmp_path):
+    """Slurm and Snakemake stop a job with SIGTERM: the half-written copy must not stay behind."""
+    src = tmp_path / "src" / "train" / WNID
+    src.mkdir(parents=True)
+    (src / "a.JPEG").write_bytes(_jpeg(_photo(160, 120)))
+    os.mkfifo(src / "b.JPEG")  # opening it blocks: the run is certainly in progress when the signal comes
+    cmd = [sys.executable, "-m", "tools.resize", "--src", str(tmp_path / "src"), "--dst", str(tmp_path / "dst"),
+           "--workers", "2", "--rejected", str(tmp_path / "rejected.tsv")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 60
+        while not list(tmp_path.glob(".dst.tmp-*")) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert list(tmp_path.glob(".dst.tmp-*")), proc.stderr.read() if proc.poll() is not None else "no tmp"
+        time.sleep(0.5)  # let the pool start and a worker block on the FIFO
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    assert not list(tmp_path.glob(".dst.tmp-*")) and not (tmp_path / "dst").exists()
+
+
+def test_shared_decode_leaves_torch_threads_alone():
+    """image.load_resized is called from predict's threads and the GPU data path: the stage's
+    one-thread-per-worker setting must not leak into them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        img = image.load_resized(_jpeg(_photo(400, 300)), SHORT)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert img.size == _expected(400, 300) and img.mode == "RGB"
+    # the stage's bytes are exactly load_resized + the encode
+    assert resize_image(io.BytesIO(_jpeg(_photo(400, 300))), SHORT, 90)[0] == _jpeg(img, optimize=False)
 
 
 def test_too_many_rejections_fail_with_a_clear_message_and_no_output(resized):

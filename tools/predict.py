@@ -23,7 +23,6 @@ the resize stage's JPEG encode, which --resize-quality replays.
 import argparse
 import glob
 import json
-import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 
 from tools.imagenet import preprocess as pp
 from tools.imagenet.classes import class_name
+from tools.imagenet.fsutil import default_workers
 from tools.imagenet.models import build_model
 
 
@@ -94,7 +94,7 @@ def predict(model, ckpt, paths, device, batch_size=32, top_k=5, ten_crop=False, 
     """Yield {"path", "top": [...]} or {"path", "error"} per path, in order."""
     classes = ckpt["classes"]
     top_k = min(top_k, len(classes))
-    threads = threads or min(8, os.cpu_count() or 1)
+    threads = threads or min(8, default_workers())
     with ThreadPoolExecutor(threads) as pool:
         for start in range(0, len(paths), batch_size):
             chunk = paths[start:start + batch_size]

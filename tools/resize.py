@@ -16,190 +16,35 @@ their share exceeds `--max-rejected-fraction`. `--dst` appears only when the sta
 and counts).
 """
 import argparse
-import hashlib
 import io
 import json
 import os
 import sys
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageCms
+from PIL import Image
 from tqdm import tqdm
 
 from tools.imagenet import fsutil
-
-# Same mapping as PIL.ImageOps.exif_transpose; applied after the resize, where it is cheaper.
-_ORIENTATION = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
-_EXIF_ORIENTATION_TAG = 0x0112
-# Antialiased bicubic (a = -0.5), the filter of Pillow's and torchvision's default resize. Two
-# implementations give the same pixels within +-1: torch's uint8 kernel (AVX2, about 0.7 ms on a
-# 500x375 ImageNet JPEG) and Pillow's (about 3 ms, then the largest cost of the whole stage, which
-# keeps Pillow below 5x ImageMagick's speed). torch is the default; Pillow is there for machines
-# without torch. reducing_gap: Pillow first reduce()s by an integer factor while the image is still
-# >= 3x the target (after the JPEG draft this only matters for big PNGs and other non-JPEG images).
-_RESAMPLE = Image.Resampling.BICUBIC
-_REDUCING_GAP = 3.0
-RESAMPLERS = ("torch", "pillow")
-
-_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
-_icc_cache = {}  # per process: sha1(profile)+mode -> transform, or None where no transform is needed
-
-
-def target_size(width, height, short_side):
-    """(w, h) with the short side at `short_side`, aspect kept; the input size if already small."""
-    short = min(width, height)
-    if short <= short_side:
-        return width, height
-    if width <= height:
-        return short_side, max(1, round(height * short_side / width))
-    return max(1, round(width * short_side / height)), short_side
-
-
-def _icc_transform(icc, mode):
-    """A cached ImageCms transform from the embedded profile to sRGB, or None (sRGB already, or unusable)."""
-    key = (hashlib.sha1(icc).digest(), mode)
-    if key not in _icc_cache:
-        transform = None
-        try:
-            profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-            description = ImageCms.getProfileDescription(profile) or ""
-            # Most ImageNet profiles are sRGB already: skip the (costly) identity transform.
-            if "srgb" not in description.lower():
-                transform = ImageCms.buildTransform(profile, _SRGB, mode, "RGB")
-        except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
-            transform = None  # a broken profile: fall back to a plain conversion
-        if len(_icc_cache) > 64:
-            _icc_cache.clear()
-        _icc_cache[key] = transform
-    return _icc_cache[key]
-
-
-def _scale_to_8bit(img):
-    """16/32-bit integer and float grayscale to L, scaling the value range (not clipping it)."""
-    arr = np.asarray(img)
-    if img.mode.startswith("I;16"):
-        arr = arr.astype(np.uint32)
-        out = (arr * 255 + 32767) // 65535
-    elif img.mode == "F":
-        arr = np.nan_to_num(arr.astype(np.float64))
-        out = np.rint(np.clip(arr * 255.0 if arr.max(initial=0) <= 1.0 else arr, 0, 255))
-    else:  # "I": 32-bit signed; PNG 16-bit data lands here in some Pillow versions
-        arr = np.clip(arr.astype(np.int64), 0, None)
-        hi = int(arr.max(initial=0))
-        if hi <= 255:
-            out = arr
-        elif hi <= 65535:
-            out = (arr * 255 + 32767) // 65535
-        else:
-            out = (arr * 255 + hi // 2) // hi
-    return Image.fromarray(out.astype(np.uint8), "L")
-
-
-def _on_white(img):
-    """Composite an image with alpha onto a white background; returns RGB."""
-    rgba = img.convert("RGBA")
-    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(background, rgba).convert("RGB")
-
-
-def to_8bit(img):
-    """Any PIL mode to L or RGB (8 bits); the ICC profile, if any, converted to sRGB."""
-    mode = img.mode
-    icc = img.info.get("icc_profile")
-    if icc and mode in ("RGB", "CMYK"):
-        transform = _icc_transform(icc, mode)
-        if transform is not None:
-            try:
-                return ImageCms.applyTransform(img, transform)
-            except (ImageCms.PyCMSError, ValueError, OSError):
-                pass
-    if mode in ("RGB", "L"):
-        # a tRNS chunk (PNG) marks one colour as transparent: show it as white like any alpha
-        return _on_white(img) if "transparency" in img.info else img
-    if mode == "P":
-        if "transparency" in img.info:
-            return _on_white(img)
-        return img.convert("RGB")
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        return _on_white(img)
-    if mode.startswith("I") or mode == "F":
-        return _scale_to_8bit(img)
-    if mode == "1":
-        return img.convert("L")
-    # CMYK (PIL reads JPEG CMYK with Adobe's inverted convention), YCbCr, LAB, HSV
-    return img.convert("RGB")
-
-
-_torch = None
-
-
-def _import_torch():
-    """torch, imported once per process, single-threaded: the pool gives the parallelism."""
-    global _torch
-    if _torch is None:
-        import torch
-        torch.set_num_threads(1)
-        _torch = torch
-    return _torch
-
-
-def _resize_torch(img, size):
-    torch = _import_torch()
-    arr = np.array(img)  # writable copy: torch refuses read-only buffers
-    x = torch.from_numpy(arr)
-    # HWC memory seen as NCHW is channels_last, the layout torch's fast uint8 kernel wants.
-    x = x[None, None] if arr.ndim == 2 else x.permute(2, 0, 1)[None]
-    y = torch.nn.functional.interpolate(x, (size[1], size[0]), mode="bicubic", antialias=True)
-    y = y[0, 0] if arr.ndim == 2 else y[0].permute(1, 2, 0)
-    return Image.fromarray(np.ascontiguousarray(y.numpy()), img.mode)
-
-
-def resample(img, size, resampler="torch"):
-    """Antialiased bicubic resize of an L or RGB image to size (w, h)."""
-    if resampler == "torch":
-        return _resize_torch(img, size)
-    return img.resize(size, _RESAMPLE, reducing_gap=_REDUCING_GAP)
-
-
-def _orientation(img):
-    try:
-        return int(img.getexif().get(_EXIF_ORIENTATION_TAG, 1))
-    except Exception:  # broken EXIF must not cost the image
-        return 1
+from tools.imagenet.image import RESAMPLERS, load_resized, target_size, to_8bit  # noqa: F401 - re-exported
 
 
 def resize_image(src, short_side=256, quality=90, resampler="torch"):
-    """Decode the image file `src` (any format PIL knows), return (jpeg_bytes, (w, h)).
+    """Decode the image file `src` (path, file object or bytes; any format PIL knows), return
+    (jpeg_bytes, (w, h)): tools.imagenet.image.load_resized, then a baseline JPEG encode.
 
     Raises on anything that cannot be decoded, including truncated files."""
-    with Image.open(src) as img:
-        orientation = _orientation(img)
-        tw, th = target_size(img.width, img.height, short_side)
-        if img.format == "JPEG" and (tw, th) != img.size:
-            # DCT-domain downscale by 1/2, 1/4 or 1/8 while staying >= the target: big JPEGs decode
-            # several times faster, and the bicubic pass below does the final, accurate step.
-            img.draft("RGB", (tw, th))
-        img.load()
-        out = to_8bit(img)
-        if out.size != (tw, th):
-            out = resample(out, (tw, th), resampler)
-        if out.mode != "RGB":
-            out = out.convert("RGB")
-        if orientation in _ORIENTATION:
-            out = out.transpose(_ORIENTATION[orientation])
-        out.info = {}  # no EXIF, ICC or comments in the output
-        buf = io.BytesIO()
-        out.save(buf, "JPEG", quality=quality, optimize=False, progressive=False)
-        return buf.getvalue(), out.size
+    out = load_resized(src, short_side, resampler)
+    buf = io.BytesIO()
+    out.save(buf, "JPEG", quality=quality, optimize=False, progressive=False)
+    return buf.getvalue(), out.size
+
+
+def _worker_setup(resampler):
+    """Pool initializer: one torch thread per worker process, since the pool gives the parallelism."""
+    if resampler == "torch":
+        import torch
+        torch.set_num_threads(1)
 
 
 def _work(task):
@@ -234,22 +79,15 @@ def list_files(src):
     return sorted(files), dirs
 
 
-def default_workers():
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def run(src, dst, rejected, short_side=256, quality=90, workers=None, max_rejected_fraction=0.001,
         resampler="torch"):
     """Resize every file of src into dst; returns the summary dict. Raises RuntimeError when too many are rejected."""
     src, dst, rejected = Path(src), Path(dst), Path(rejected)
     if not src.is_dir():
         raise FileNotFoundError(f"--src {src} is not a folder: run the extract stage first")
-    workers = workers or default_workers()
+    workers = workers or fsutil.default_workers()
     if resampler == "torch":
-        _import_torch()  # before the pool forks, so workers inherit it instead of importing it each
+        import torch  # noqa: F401 - before the pool forks, so workers inherit it instead of importing it each
     files, dirs = list_files(src)
     if not files:
         raise RuntimeError(f"--src {src} holds no files: is it the extract stage's output folder?")
@@ -265,7 +103,7 @@ def run(src, dst, rejected, short_side=256, quality=90, workers=None, max_reject
         else:
             import multiprocessing
             # started before the progress bar: tqdm's monitor thread must not exist when the pool forks
-            pool = multiprocessing.Pool(workers, initializer=_import_torch if resampler == "torch" else None)
+            pool = multiprocessing.Pool(workers, initializer=_worker_setup, initargs=(resampler,))
             chunk = max(1, min(64, len(files) // (workers * 16)))
             results = pool.imap_unordered(_work, tasks, chunksize=chunk)
         bar = tqdm(total=len(files), desc="resize", unit="img", file=sys.stderr, smoothing=0.05)
@@ -323,7 +161,8 @@ def parse_args(argv=None):
                    help="implementation of the antialiased bicubic filter: torch (about 4x faster) or pillow; "
                         "pixels agree within +-1 (default: torch)")
     p.add_argument("--workers", type=int, default=None,
-                   help="worker processes; 1 runs in this process (default: all CPU cores available)")
+                   help="worker processes; 1 runs in this process (default: the CPU cores this process may use, "
+                        "e.g. those Slurm allotted)")
     p.add_argument("--rejected", type=Path, required=True,
                    help="TSV written with every file that could not be decoded (path<TAB>reason, "
                         "path relative to --src, header line)")
@@ -341,6 +180,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    fsutil.exit_on_sigterm()
+    if args.workers == 1:
+        _worker_setup(args.resampler)  # this process is the one worker: keep to the one core asked for
     try:
         summary = run(args.src, args.dst, args.rejected, args.short_side, args.quality, args.workers,
                       args.max_rejected_fraction, args.resampler)

@@ -2,7 +2,8 @@
 
 Usage:
     from tools.imagenet import preprocess as pp
-    img = pp.load_resized("photo.png", short_side=256)      # RGB PIL image, as the resize stage makes it
+    from tools.imagenet.image import load_resized
+    img = load_resized("photo.png", short_side=256)         # RGB PIL image, as the resize stage makes it
     x = pp.to_tensor(pp.fit_crop(img, 224))                 # uint8 C x H x W
     crop = pp.center_crop(x, 224)                           # uint8 C x 224 x 224
     crops = pp.ten_crop(x, 224)                             # uint8 10 x C x 224 x 224
@@ -18,6 +19,8 @@ import io
 import numpy as np
 import torch
 from PIL import Image
+
+from tools.imagenet.image import load_resized
 
 # What `predict` picks up from a folder; explicit file arguments are decoded whatever their name.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
@@ -61,34 +64,6 @@ def to_tensor(img):
     return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
-def load_resized(path, short_side):
-    """Decode any image file PIL knows, by content, into the RGB image the resize stage would write
-    (before its JPEG encode): 8-bit RGB via tools.resize.to_8bit (CMYK, grayscale, palette, alpha,
-    16-bit, ICC), short side `short_side` (never enlarged), EXIF orientation applied.
-
-    Mirrors tools.resize.resize_image step for step (same JPEG draft, resampler and order) so a photo
-    predicted from its original file gets the pixels the model saw in training, less the resize
-    stage's JPEG re-encode. Raises (OSError, ValueError, ...) when the file cannot be decoded."""
-    from tools import resize as resize_stage  # here: the val loader's workers never need it
-    with Image.open(path) as img:
-        orientation = resize_stage._orientation(img)
-        tw, th = resize_stage.target_size(img.width, img.height, short_side)
-        if img.format == "JPEG" and (tw, th) != img.size:
-            img.draft("RGB", (tw, th))
-        img.load()
-        out = resize_stage.to_8bit(img)
-        if out.size != (tw, th):
-            threads = torch.get_num_threads()
-            out = resize_stage.resample(out, (tw, th))
-            if torch.get_num_threads() != threads:  # resize's torch path pins 1 thread for its pool
-                torch.set_num_threads(threads)
-        if out.mode != "RGB":
-            out = out.convert("RGB")
-        if orientation in resize_stage._ORIENTATION:
-            out = out.transpose(resize_stage._ORIENTATION[orientation])
-        return out
-
-
 def fit_crop(img, crop):
     """Enlarge an image whose short side is below `crop` so that the crop fits (short side = crop,
     aspect kept). The resize stage never enlarges, so such small images keep their size in the
@@ -113,7 +88,7 @@ def reencode(img, quality):
 def load_for_model(path, resize_size, crop_size, ten=False, jpeg_quality=None):
     """An image file -> uint8 3 x crop x crop (center crop), or 10 x 3 x crop x crop with ten=True.
     jpeg_quality replays the resize stage's encode, so that an original file gives exactly the pixels
-    evaluation reads from the shards."""
+    evaluation reads from the shards. Decoding: tools.imagenet.image.load_resized, the resize stage's own."""
     img = load_resized(path, resize_size)
     if jpeg_quality is not None:
         img = reencode(img, jpeg_quality)
