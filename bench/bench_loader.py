@@ -113,6 +113,67 @@ def make_dataset(work, num_images, num_classes, workers, shard_size):
     return src, write_shards(src, work / "shards", shard_size)
 
 
+# ----------------------------------------------------------------------------------------- decoders
+# Alternatives to the project's decoder (torchvision's nvJPEG), measured here only.
+
+def nvimgcodec_decoder(device="cuda", hardware=True):
+    """nvImageCodec batched decoder with gpu_data.decode_jpegs' decoder interface (list of uint8
+    1-D CPU tensors -> list of 3xHxW on the device), or None where it is not installed.
+
+    hardware=True prefers the GPU's hardware JPEG engine (A100/H100 have one), then CUDA decode.
+    Needs libnvjpeg (CUDA toolkit's lib64 on LD_LIBRARY_PATH, or the nvidia-nvjpeg wheel)."""
+    try:
+        from nvidia import nvimgcodec
+    except ImportError:
+        return None
+    backends = [nvimgcodec.Backend(nvimgcodec.BackendKind.GPU_ONLY)]
+    if hardware:
+        backends.insert(0, nvimgcodec.Backend(nvimgcodec.BackendKind.HW_GPU_ONLY))
+    dev = torch.device(device)
+    dec = nvimgcodec.Decoder(device_id=dev.index or 0, backends=backends)
+    params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB,
+                                     allow_any_depth=False, sample_format=nvimgcodec.SampleFormat.P_RGB)
+
+    def decode(tensors):
+        stream = torch.cuda.current_stream(dev)
+        streams = [nvimgcodec.CodeStream(t.numpy()) for t in tensors]
+        out = dec.decode(streams, params=params, cuda_stream=stream.cuda_stream)
+        if any(im is None for im in out):
+            raise RuntimeError("nvimgcodec could not decode an image of the batch")
+        images = []
+        for im in out:  # planar RGB on the device, owned by nvimgcodec: copy in our stream
+            t = torch.as_tensor(im, device=dev)
+            images.append((t if t.shape[0] == 3 else t.permute(2, 0, 1)).clone())
+        return images
+    return decode
+
+
+class SplitDecoder:
+    """A decoder that sends the first `share` of each batch to `first` and the rest to `second`,
+    at the same time (e.g. nvImageCodec's hardware engine beside torchvision's nvJPEG on the SMs:
+    different hardware, and each library has its own lock). close() stops its thread."""
+
+    def __init__(self, first, second, share):
+        from concurrent.futures import ThreadPoolExecutor
+        self.first, self.second, self.share = first, second, share
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="split-decode")
+
+    def __call__(self, tensors):
+        k = round(len(tensors) * self.share)
+        stream = torch.cuda.current_stream()
+        side = self.pool.submit(_on_stream, self.first, tensors[:k], stream) if k else None
+        rest = self.second(tensors[k:]) if k < len(tensors) else []
+        return (side.result() if side else []) + rest
+
+    def close(self):
+        self.pool.shutdown(wait=True)
+
+
+def _on_stream(fn, tensors, stream):
+    with torch.cuda.stream(stream):
+        return fn(tensors)
+
+
 # ----------------------------------------------------------------------------------------- sources
 
 def imagefolder_batches(root, batch, workers, crop):
@@ -365,14 +426,14 @@ def main(argv=None) -> int:
         print(f"card: {card}; torch {torch.__version__}; {W} workers", file=sys.stderr)
         T = args.decode_threads
         try:
-            nvimg = gpu_data.nvimgcodec_decoder("cuda")
+            nvimg = nvimgcodec_decoder("cuda")
         except Exception as exc:
             print(f"nvimgcodec unusable: {type(exc).__name__}: {exc}", file=sys.stderr)
             nvimg = None
         decoders = {"nvjpeg": None}
         if nvimg is not None:
             decoders["nvimgcodec"] = nvimg
-            decoders["split"] = gpu_data.split_decoder(nvimg, gpu_data.torchvision_gpu_decoder("cuda"), 0.35)
+            decoders["split"] = SplitDecoder(nvimg, gpu_data.torchvision_gpu_decoder("cuda"), 0.35)
         try:
             m = micro(shards, B, C, args.aug, decoders)
             for name in decoders:
@@ -408,6 +469,8 @@ def main(argv=None) -> int:
             if key in paths and name in decoders:
                 run("none", f"{key} {name}", lambda d=decoders[name]: gpu_batches(
                     shards, B, args.raw_workers, C, args.aug, total, decoder=d, threads=T), touch_step)
+        if "split" in decoders:  # the model runs below use the default decoder
+            decoders["split"].close()
         for spec in args.models.split(","):
             arch, _, opt = spec.partition("+")
             try:

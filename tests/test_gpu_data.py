@@ -264,7 +264,7 @@ def test_pipeline_drops_and_reports_bad_images_keeping_labels_aligned():
                                on_failure=lambda k, r: seen.append(k))
     (x, y), = list(pipe)
     assert y.tolist() == [0, 1, 2, 4] and x.shape == (4, 3, 64, 64)
-    assert seen == ["k3"] and pipe.failures[0][0] == "k3"
+    assert seen == ["k3"]
     assert pipe.stats["batches"] == 1 and pipe.stats["decode_s"] > 0
     dominant = x.float().mean((2, 3)).argmax(1).tolist()
     assert dominant[:3] == [0, 1, 2]  # red, green, blue images kept with their labels
@@ -280,16 +280,6 @@ def test_pipeline_hybrid_part_is_normalised_and_appended():
     assert torch.allclose(x[3:], torch.full_like(x[3:], (191 / 255 - 0.5) / 0.25))
 
 
-def test_nvimgcodec_backend_absent_or_callable():
-    dec = gd.nvimgcodec_decoder("cuda")
-    try:
-        import nvidia.nvimgcodec  # noqa: F401
-    except ImportError:
-        assert dec is None
-    else:
-        assert callable(dec)
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("threads", [2, 0])
 def test_cuda_pipeline_matches_cpu(threads):
@@ -300,9 +290,11 @@ def test_cuda_pipeline_matches_cpu(threads):
     outs = {}
     for device in ("cpu", "cuda"):
         aug = gd.GpuAugment(64, mode="crop", seed=13)
-        pipe = gd.GpuBatchPipeline(raw, aug, device=device, threads=threads, on_failure=lambda k, r: None)
+        seen = []
+        pipe = gd.GpuBatchPipeline(raw, aug, device=device, threads=threads,
+                                   on_failure=lambda k, r: seen.append(k))
         outs[device] = [(x.cpu(), y.cpu()) for x, y in pipe]
-        assert [k for k, _ in pipe.failures] == ["k5"] * 3
+        assert seen == ["k5"] * 3
     for (xc, yc), (xg, yg) in zip(outs["cpu"], outs["cuda"]):
         assert torch.equal(yc, yg) and yc.tolist() == [0, 1, 2, 3, 4, 6]
         # nvJPEG and libjpeg-turbo may differ by a level or two in their IDCT/upsampling

@@ -28,11 +28,9 @@ Pieces:
   so the caching allocator keeps them until they are used. Hybrid mode: a batch may carry a
   CPU-decoded, already cropped uint8 part ("pre", "pre_labels"), normalised on the GPU and
   concatenated.
-- nvimgcodec_decoder(): the nvImageCodec decoder (hardware JPEG engine where the GPU has one),
-  used where `nvidia.nvimgcodec` imports; None otherwise.
 
 Images no decoder can read are dropped from their batch (it gets smaller) and reported through
-`on_failure(key, reason)` (default: a warning) and `GpuBatchPipeline.failures`; never silently.
+`on_failure(key, reason)` (default: a warning; tools.train passes failure_log); never silently.
 """
 import contextlib
 import math
@@ -103,58 +101,6 @@ def torchvision_gpu_decoder(device):
     def decode(tensors):
         return decode_jpeg(tensors, device=device, mode=ImageReadMode.RGB)
     return decode
-
-
-def nvimgcodec_decoder(device="cuda", hardware=True):
-    """nvImageCodec batched decoder with the same interface, or None where it is not installed.
-
-    hardware=True prefers the GPU's hardware JPEG engine (A100/H100 have one), then CUDA decode.
-    Needs libnvjpeg (CUDA toolkit's lib64 on LD_LIBRARY_PATH, or the nvidia-nvjpeg wheel)."""
-    try:
-        from nvidia import nvimgcodec
-    except ImportError:
-        return None
-    backends = [nvimgcodec.Backend(nvimgcodec.BackendKind.GPU_ONLY)]
-    if hardware:
-        backends.insert(0, nvimgcodec.Backend(nvimgcodec.BackendKind.HW_GPU_ONLY))
-    dev = torch.device(device)
-    dec = nvimgcodec.Decoder(device_id=dev.index or 0, backends=backends)
-    params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB,
-                                     allow_any_depth=False, sample_format=nvimgcodec.SampleFormat.P_RGB)
-
-    def decode(tensors):
-        stream = torch.cuda.current_stream(dev)
-        streams = [nvimgcodec.CodeStream(t.numpy()) for t in tensors]
-        out = dec.decode(streams, params=params, cuda_stream=stream.cuda_stream)
-        if any(im is None for im in out):
-            raise RuntimeError("nvimgcodec could not decode an image of the batch")
-        images = []
-        for im in out:  # planar RGB on the device, owned by nvimgcodec: copy in our stream
-            t = torch.as_tensor(im, device=dev)
-            images.append((t if t.shape[0] == 3 else t.permute(2, 0, 1)).clone())
-        return images
-    return decode
-
-
-def split_decoder(first, second, share):
-    """A decoder that sends the first `share` of each batch to `first` and the rest to `second`,
-    at the same time (e.g. nvImageCodec's hardware engine beside torchvision's nvJPEG on the SMs:
-    different hardware, and each library has its own lock)."""
-    from concurrent.futures import ThreadPoolExecutor
-    pool = ThreadPoolExecutor(1, thread_name_prefix="split-decode")
-
-    def decode(tensors):
-        k = round(len(tensors) * share)
-        stream = torch.cuda.current_stream()
-        side = pool.submit(_on_stream, first, tensors[:k], stream) if k else None
-        rest = second(tensors[k:]) if k < len(tensors) else []
-        return (side.result() if side else []) + rest
-    return decode
-
-
-def _on_stream(fn, tensors, stream):
-    with torch.cuda.stream(stream):
-        return fn(tensors)
 
 
 def _cpu_decode(blob):
@@ -602,7 +548,6 @@ class GpuBatchPipeline:
         self.device = torch.device(device)
         self.prefetch, self.threads, self.decoder = max(1, prefetch), max(0, threads), decoder
         self.on_failure = on_failure or (lambda key, reason: warnings.warn(f"dropped {key}: {reason}"))
-        self.failures = []
         self._lock = threading.Lock()
         # host seconds spent per stage by whoever prepares batches (enqueue time, not GPU time):
         # tells which part of the producer limits the rate
@@ -629,7 +574,6 @@ class GpuBatchPipeline:
             images, failures = decode_jpegs(blobs, self.device, keys, self.decoder)
             with self._lock:
                 for key, reason in failures:
-                    self.failures.append((key, reason))
                     self.on_failure(key, reason)
             keep = [i for i, im in enumerate(images) if im is not None]
             t1 = time.perf_counter()
