@@ -112,6 +112,8 @@ def main(argv=None) -> int:
             shutil.rmtree(outs[name], ignore_errors=True)
             outs[name].mkdir(parents=True)
         ours("torch")(paths[0], outs[next(iter(METHODS))], args.short_side, args.quality)  # import torch untimed
+        import torch
+        torch.set_num_threads(1)  # one core each, as the stage's pool workers run
         # Interleaved image by image, so a load change on a shared machine hits all methods alike.
         results = dict.fromkeys(METHODS, 0.0)
         for path in paths:
