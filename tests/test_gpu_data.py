@@ -166,6 +166,17 @@ def test_normalise_and_dtype():
     assert torch.allclose(out.float(), ref, atol=0.02)
 
 
+def test_fused_normalize_agrees_with_preprocess():
+    """The GPU path's fused multiply-add (crop kernel, hybrid part) is preprocess.normalize's formula."""
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    x = torch.randint(0, 256, (4, 3, 24, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    ref = preprocess.normalize(x, mean, std)
+    hybrid = gd.normalize(x.contiguous(memory_format=torch.channels_last), mean, std)
+    assert torch.allclose(hybrid, ref, atol=1e-5, rtol=0)
+    fused = gd.crop_batch(list(x), gd.center_boxes(torch.tensor([[24, 24]] * 4), 24), 24, mean, std)
+    assert torch.allclose(fused, ref, atol=1e-5, rtol=0)
+
+
 def test_same_seed_same_crops():
     sizes = torch.tensor([[256, 341]] * 50)
     a = gd.GpuAugment(224, mode="rrc", seed=11).boxes(sizes)

@@ -424,7 +424,10 @@ _COMPILED = set()
 
 
 def _norm_consts(mean, std):
-    """(scale, shift) float32 CPU tensors with (x/255 - mean)/std = x * scale + shift."""
+    """(scale, shift) float32 CPU tensors with (x/255 - mean)/std = x * scale + shift.
+
+    preprocess.normalize's formula (the CPU paths'), as one multiply-add so that it fuses into the
+    crop kernel and, for the hybrid part, into one addcmul to the output dtype and layout."""
     if mean is None:
         return torch.ones(3), torch.zeros(3)
     m, s = torch.as_tensor(mean, dtype=torch.float64), torch.as_tensor(std, dtype=torch.float64)
