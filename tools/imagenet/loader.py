@@ -19,7 +19,8 @@ decode="gpu": the workers only read the shards and hand over each batch undecode
 {"data": uint8 1-D (all JPEG bytes), "offsets": int64 N+1, "labels": int64 N, "keys": [N str]}
 (plus, for train with cpu_fraction > 0, "pre"/"pre_labels": that share of the batch decoded and
 cropped by the worker, uint8; a sample the worker cannot decode stays raw, so the GPU path retries
-it and reports it): tools.imagenet.gpu_data.GpuBatchPipeline decodes and crops them on the GPU. decode="auto" is "gpu" where CUDA works, else "cpu".
+it and reports it): tools.imagenet.gpu_data.GpuBatchPipeline decodes and crops them on the GPU.
+decode="auto" is "gpu" where CUDA works, else "cpu".
 """
 import io
 import json
