@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 from pathlib import Path
 
 
@@ -92,14 +93,16 @@ def default_workers():
 
 def exit_on_sigterm():
     """Make SIGTERM (Slurm's scancel and time limit, Snakemake, `kill`) raise SystemExit(143) in this
-    process, so that `finally` blocks run and atomic_path removes its temporary output. Processes
-    forked afterwards (pool workers) inherit the handler but exit at once as by default: a SystemExit
-    raised inside a pool task would be reported as a task error and the worker would carry on."""
-    main_pid = os.getpid()
+    process, so that `finally` blocks run and atomic_path removes its temporary output.
 
-    def handler(signum, frame):
-        if os.getpid() != main_pid:
-            os._exit(128 + signum)
-        raise SystemExit(128 + signum)
+    Processes forked afterwards (pool workers) get the default disposition back: a Python-level
+    handler runs only between bytecodes, so a worker blocked on the pool's queue lock would never
+    act on it and Pool.terminate() would wait for it forever."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    global _reset_in_children
+    if not _reset_in_children:
+        os.register_at_fork(after_in_child=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+        _reset_in_children = True
 
-    signal.signal(signal.SIGTERM, handler)
+
+_reset_in_children = False
