@@ -31,7 +31,6 @@ from tools.imagenet.classes import class_name
 from tools.imagenet.distributed import AMP_DTYPES, amp_dtype, setup
 from tools.imagenet.evaluation import evaluate, most_confused
 from tools.imagenet.loader import read_manifest, resolve_decode, val_loader
-from tools.imagenet.models import build_model
 
 
 
@@ -134,15 +133,12 @@ def summary(doc, worst=5):
 def run(args):
     rank, world, device = setup(args.device)
     path = find_checkpoint(args)
-    ckpt = ckpt_io.load(path)
+    model, ckpt = ckpt_io.load_model(path, device)
     manifest = read_manifest(args.shards, "val")
     if list(manifest["classes"]) != list(ckpt["classes"]):
         raise ValueError(f"{path} was trained on {len(ckpt['classes'])} classes that differ from the "
                          f"{len(manifest['classes'])} of {args.shards / 'val.json'}: evaluate with the "
                          f"shards it was trained on")
-    model = build_model(ckpt["arch"], ckpt["num_classes"])
-    model.load_state_dict(ckpt["model"])
-    model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     decode = resolve_decode(args.decode, args.ten_crop) if device.type == "cuda" or args.decode != "auto" \

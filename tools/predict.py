@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from tools.imagenet import checkpoint as ckpt_io
 from tools.imagenet import preprocess as pp
 from tools.imagenet.classes import class_name
 from tools.imagenet.fsutil import default_workers
-from tools.imagenet.models import build_model
 
 
 def expand_inputs(args):
@@ -59,20 +59,7 @@ def expand_inputs(args):
     return out
 
 
-def load_checkpoint(path, device):
-    """(model in eval mode on device, checkpoint dict without the heavy training state)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError, ValueError) as e:
-        raise RuntimeError(f"cannot load checkpoint {path}: {e}") from e
-    missing = [k for k in ("model", "arch", "num_classes", "classes", "mean", "std", "crop_size", "resize_size")
-               if k not in ckpt]
-    if missing:
-        raise RuntimeError(f"{path} is not a checkpoint of tools.train (missing {', '.join(missing)})")
-    model = build_model(ckpt["arch"], ckpt["num_classes"])
-    model.load_state_dict(ckpt["model"])
-    model.to(device).eval()
-    return model, ckpt
+load_checkpoint = ckpt_io.load_model
 
 
 def pick_device(name):

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from tools.imagenet import fsutil
+from tools.imagenet.models import build_model
 
 NAME = re.compile(r"^model_(\d{3,})\.pt$")
 
@@ -48,6 +49,19 @@ def load(path):
     except Exception as exc:
         raise RuntimeError(f"{path}: cannot load checkpoint ({exc}); delete it to resume from "
                            f"the one before") from exc
+
+
+def load_model(path, device="cpu"):
+    """(model in eval mode on device, checkpoint dict): everything predict and evaluate need comes
+    from the checkpoint alone (arch, classes, normalisation, crop and resize sizes)."""
+    state = load(path)
+    missing = [k for k in ("model", "arch", "num_classes", "classes", "mean", "std", "crop_size", "resize_size")
+               if k not in state]
+    if missing:
+        raise RuntimeError(f"{path} is not a checkpoint of tools.train (missing {', '.join(missing)})")
+    model = build_model(state["arch"], state["num_classes"])
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), state
 
 
 def prune(out_dir, keep):
