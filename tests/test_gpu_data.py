@@ -264,6 +264,32 @@ def test_decode_batched_decoder_failure_isolates_bad_images():
     assert calls == [8] and not failures and all(im is not None for im in images)
 
 
+def test_decoder_none_entries_fall_back_per_image():
+    """A decoder that reports per image (nvImageCodec: None where the hardware engine cannot,
+    e.g. CMYK) gets those images from the CPU fallback; only what nothing reads is a failure."""
+    def per_image(tensors):
+        out = []
+        for t in tensors:
+            data = t.numpy().tobytes()
+            ok = data[:2] == b"\xff\xd8" and Image.open(io.BytesIO(data)).mode == "RGB"
+            out.append(gd.decode_jpeg(t, mode=gd.ImageReadMode.RGB) if ok else None)
+        return out
+    blobs = [_encode(k) for k in KINDS]
+    _check_decoded(*gd.decode_jpegs(blobs, "cpu", keys=[f"k{i}" for i in range(5)], decoder=per_image))
+
+
+def test_gpu_decoder_choice():
+    with pytest.raises(ValueError, match="unknown GPU decoder"):
+        gd.gpu_decoder("dali", "cpu")
+    assert gd.gpu_decoder("auto", "cpu").kind == "nvjpeg"  # no engine off CUDA
+    if gd.import_nvimgcodec() is None and torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="nvImageCodec is not installed"):
+            gd.gpu_decoder("hardware", "cuda")
+    # a CPU pipeline never builds a GPU decoder, whatever the name
+    pipe = gd.GpuBatchPipeline([], gd.GpuAugment(8), device="cpu", decoder="hardware")
+    assert pipe.thread_decoder() is None
+
+
 def test_pipeline_drops_and_reports_bad_images_keeping_labels_aligned():
     colors = [(250, 10, 10), (10, 250, 10), (10, 10, 250), (0, 0, 0), (128, 128, 128)]
     blobs = [_encode(k, w=80, h=72, color=c) for k, c in zip(KINDS, colors)]
@@ -333,6 +359,20 @@ for mode in ("crop", "rrc", "center"):
             assert d[:4].max() == 0 if mode != "rrc" else d.max() <= 1, (mode, d.max())
         else:
             assert d.max() < 1e-4, (mode, d.max())
+# interleaved H x W x 3 images (nvImageCodec's layout) are read in place, with the same result
+boxes = gd.GpuAugment(48, mode="rrc", seed=5).boxes([im.shape[-2:] for im in images])
+planar = gd.crop_batch(images, boxes, 48, backend="triton")
+hwc = [im.permute(1, 2, 0).contiguous() for im in images]
+assert torch.equal(planar, gd.crop_batch([t.permute(2, 0, 1) for t in hwc], boxes, 48, backend="triton"))
+if dev == "cpu":  # DeviceImage over a decoder-owned buffer (here host memory the interpreter reads)
+    class Owner:
+        def __init__(self, t):
+            self.t = t
+            self.__cuda_array_interface__ = {"shape": tuple(t.shape), "typestr": "|u1", "version": 3,
+                                              "data": (t.data_ptr(), False), "strides": None}
+    owned = [gd.DeviceImage(Owner(t), torch.device("cpu")) for t in hwc]
+    assert [o.shape for o in owned] == [tuple(im.shape) for im in images]
+    assert torch.equal(planar, gd.crop_batch(owned, boxes, 48, backend="triton"))
 print("ok")
 """
 

@@ -55,6 +55,9 @@ def parse_args(argv=None):
                    help="where the JPEGs are decoded and cropped: cpu (PIL in the loader workers), gpu "
                         "(nvJPEG + a crop kernel on the device; on a CPU device the same code runs on "
                         "the CPU) or auto (gpu where CUDA works, cpu for --ten-crop) (default: auto)")
+    p.add_argument("--gpu-decoder", choices=["auto", "nvjpeg", "hardware"], default="auto",
+                   help="--decode gpu: nvjpeg (torchvision, on the SMs), hardware (nvImageCodec on the "
+                        "JPEG engines of A100/H100/H200) or auto (hardware where it works) (default: auto)")
     p.add_argument("--amp", choices=sorted(AMP_DTYPES), default="none",
                    help="autocast dtype for the forward pass (default: none, full fp32)")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format (faster on GPUs)")
@@ -149,7 +152,8 @@ def run(args):
         from tools.imagenet.gpu_data import val_pipeline
         batches = val_pipeline(batches, device, ckpt["crop_size"], ckpt["mean"], ckpt["std"],
                                on_failure=lambda key, reason: print(f"evaluate: cannot decode {key}: {reason}",
-                                                                    file=sys.stderr, flush=True))
+                                                                    file=sys.stderr, flush=True),
+                               decoder=args.gpu_decoder)
     start = time.perf_counter()
     result = evaluate(model, batches, device, ckpt["mean"], ckpt["std"], amp_dtype=amp_dtype(args.amp, device),
                       channels_last=args.channels_last, num_classes=ckpt["num_classes"], progress=True)
@@ -159,6 +163,7 @@ def run(args):
                            f"{manifest['num_samples']}: the val shards changed or are incomplete; rerun the shard stage")
     settings = {"shards": str(args.shards), "ten_crop": args.ten_crop, "averaging": "softmax" if args.ten_crop
                 else None, "batch_size": args.batch_size, "workers": args.workers, "device": device.type, "decode": decode,
+                "gpu_decoder": args.gpu_decoder if decode == "gpu" else None,
                 "world_size": world, "amp": args.amp, "channels_last": args.channels_last,
                 "crop_size": ckpt["crop_size"], "resize_size": ckpt.get("resize_size"),
                 "mean": ckpt["mean"], "std": ckpt["std"]}

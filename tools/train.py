@@ -90,6 +90,9 @@ def parse_args(argv=None):
       "gpu when CUDA works")
     a("--cpu-fraction", type=float, default=0.0, help="--decode gpu: share of each batch the "
       "workers decode and crop on the CPU (hybrid; raise it when the GPU decoder is the limit)")
+    a("--gpu-decoder", default="auto", choices=list(gpu_data.GPU_DECODERS), help="--decode gpu: "
+      "nvjpeg (torchvision, on the SMs the step uses), hardware (nvImageCodec on the JPEG engines "
+      "of A100/H100/H200, off the SMs; needs nvidia-nvimgcodec), auto: hardware where it works")
     a("--decode-threads", type=int, default=1, help="--decode gpu: host threads decoding and "
       "cropping batches ahead, each with its own CUDA stream (nvJPEG serialises its calls)")
     a("--shuffle-buffer", type=int, default=1000, help="samples in each loader's shuffle buffer")
@@ -406,14 +409,18 @@ def train(args, rank, world, device, stop):
     local_batch = args.batch_size // world
     decode = resolve_decode(args.decode) if device.type == "cuda" or args.decode != "auto" else "cpu"
     bad_log = gpu_data.failure_log(out / "bad_samples.tsv", rank=rank)
+    # "auto" resolved once, so every pipeline and thread uses the same decoder
+    decoder = gpu_data.gpu_decoder(args.gpu_decoder, device).kind if decode == "gpu" else None
     val = val_loader(args.shards, args.val_batch_size or local_batch, rank, world, args.workers,
                      args.crop_size, decode=decode)
     if decode == "gpu":
-        val = gpu_data.val_pipeline(val, device, args.crop_size, mean, std, on_failure=bad_log)
+        val = gpu_data.val_pipeline(val, device, args.crop_size, mean, std, on_failure=bad_log,
+                                    decoder=decoder)
     if rank == 0:
         n = batches_per_epoch(manifest["num_samples"], args.batch_size, args.epoch_size)
         print(f"{args.arch}: {world} rank(s) on {device.type} ({args.parallel}), global batch "
-              f"{args.batch_size}, {n} iterations/epoch, epochs {start}-{args.epochs}", flush=True)
+              f"{args.batch_size}, {n} iterations/epoch, epochs {start}-{args.epochs}, decode "
+              f"{decode}{f' ({decoder})' if decoder and device.type == 'cuda' else ''}", flush=True)
 
     metrics = None
     for epoch in range(start, args.epochs + 1):
@@ -427,7 +434,7 @@ def train(args, rank, world, device, stop):
                                       seed=args.seed * 100003 + epoch * 1009 + rank,
                                       channels_last=args.channels_last)
             loader = gpu_data.GpuBatchPipeline(loader, aug, device, threads=args.decode_threads,
-                                               on_failure=bad_log)
+                                               on_failure=bad_log, decoder=decoder)
         train_metrics = train_epoch(epoch, model, optimizer, schedule, loader, device, mean, std,
                                     args, rank, world, stop, log)
         if train_metrics is None:

@@ -97,10 +97,101 @@ def pil_decode(blob):
 
 
 def torchvision_gpu_decoder(device):
-    """Batched nvJPEG through torchvision: list of uint8 1-D CPU tensors -> list of 3xHxW on device."""
+    """Batched nvJPEG through torchvision: list of uint8 1-D CPU tensors -> list of 3xHxW on device.
+    Runs on the SMs (and its host stage), one call at a time per process (a global lock)."""
     def decode(tensors):
         return decode_jpeg(tensors, device=device, mode=ImageReadMode.RGB)
+    decode.kind = "nvjpeg"
     return decode
+
+
+class DeviceImage:
+    """A decoded image in memory that its decoder owns (nvImageCodec), seen as 3 x H x W uint8
+    through __cuda_array_interface__: what the crop kernel reads (shape, stride(), data_ptr()),
+    without building a torch tensor per image. The memory lives as long as this object; the
+    decoder frees it in stream order, after the work queued on the decode stream."""
+    __slots__ = ("owner", "device", "shape", "_stride", "_ptr")
+
+    def __init__(self, owner, device):
+        cai = owner.__cuda_array_interface__
+        h, w, c = cai["shape"]
+        if c != 3 or cai["typestr"] != "|u1":
+            raise ValueError(f"expected 8-bit RGB, got shape {cai['shape']} {cai['typestr']}")
+        rs, ps, cs = cai.get("strides") or (w * c, c, 1)
+        self.owner, self.device = owner, device
+        self.shape, self._stride, self._ptr = (c, h, w), (cs, rs, ps), cai["data"][0]
+
+    def stride(self):
+        return self._stride
+
+    def data_ptr(self):
+        return self._ptr
+
+
+def as_torch(image):
+    """A decoded image as a 3 x H x W torch tensor (a view where the decoder owns the memory)."""
+    if isinstance(image, DeviceImage):
+        return torch.as_tensor(image.owner, device=image.device).permute(2, 0, 1)
+    return image
+
+
+def import_nvimgcodec():
+    """nvImageCodec's module, or None where it is not installed or cannot load."""
+    try:
+        from nvidia import nvimgcodec
+        return nvimgcodec
+    except Exception:  # noqa: BLE001 - ImportError, or a missing shared library behind it
+        return None
+
+
+def hardware_jpeg_decoder(device):
+    """nvImageCodec on the GPU's hardware JPEG engines (A100, H100, H200: NVJPG), off the SMs the
+    training step uses: list of uint8 1-D CPU tensors -> list of DeviceImage (None where the
+    engine cannot decode one, e.g. progressive or CMYK: decode_jpegs falls back for those).
+    Raises RuntimeError where nvImageCodec is missing or the GPU has no such engine. Needs
+    libnvjpeg from CUDA (e.g. /usr/local/cuda/lib64 on LD_LIBRARY_PATH)."""
+    nvimgcodec = import_nvimgcodec()
+    if nvimgcodec is None:
+        raise RuntimeError("nvImageCodec is not installed (pip install nvidia-nvimgcodec-cu13)")
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        decoder = nvimgcodec.Decoder(device_id=index,
+                                     backends=[nvimgcodec.Backend(nvimgcodec.BackendKind.HW_GPU_ONLY)])
+    except Exception as exc:  # noqa: BLE001
+        raise RuntimeError(f"no hardware JPEG decoder on {device}: {exc}") from exc
+    params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB,
+                                     allow_any_depth=False)
+
+    def decode(tensors):
+        stream = torch.cuda.current_stream(device).cuda_stream
+        out = decoder.decode([t.numpy() for t in tensors], params=params, cuda_stream=stream)
+        images = []
+        for im in out:
+            try:
+                images.append(None if im is None else DeviceImage(im, device))
+            except ValueError:
+                images.append(None)
+        return images
+    decode.kind = "hardware"
+    return decode
+
+
+GPU_DECODERS = ("auto", "nvjpeg", "hardware")
+
+
+def gpu_decoder(kind, device):
+    """A batch decoder by name: "nvjpeg" (torchvision, on the SMs), "hardware" (nvImageCodec on the
+    JPEG engines), "auto" (hardware where it works, else nvjpeg). Each decode thread makes its own."""
+    if kind not in GPU_DECODERS:
+        raise ValueError(f"unknown GPU decoder {kind!r}: choose one of {', '.join(GPU_DECODERS)}")
+    if kind != "nvjpeg" and torch.device(device).type == "cuda":
+        try:
+            return hardware_jpeg_decoder(device)
+        except RuntimeError:
+            if kind == "hardware":
+                raise
+    return torchvision_gpu_decoder(device)
 
 
 def _cpu_decode(blob):
@@ -117,7 +208,8 @@ def decode_jpegs(blobs, device, keys=None, decoder=None):
 
     On CUDA the batch goes to `decoder` (default: torchvision's batched nvJPEG) in one call. That call
     fails as a whole on one bad image, so on failure the batch is halved until the culprits stand
-    alone; those are decoded on the CPU with PIL by content and copied over."""
+    alone; those, and the images a decoder returns None for, are decoded on the CPU with PIL by
+    content and copied over."""
     device = torch.device(device)
     keys = list(keys) if keys is not None else [str(i) for i in range(len(blobs))]
     tensors = [_as_tensor(b) for b in blobs]
@@ -147,7 +239,10 @@ def decode_jpegs(blobs, device, keys=None, decoder=None):
                 run(idx[half:])
             return
         for i, im in zip(idx, out):
-            images[i] = im
+            if im is None:  # a decoder that reports per image (nvImageCodec)
+                fallback(i)
+            else:
+                images[i] = im
 
     if tensors:
         run(list(range(len(tensors))))
@@ -326,23 +421,26 @@ def _finish(x, scale, shift, out_dtype):
 
 if triton is not None:
     @triton.jit
-    def _crop_kernel(src, offs, sizes, grid, prm, scale, shift, out, crop,
-                     BLOCK: tl.constexpr, ROUND: tl.constexpr):
+    def _crop_kernel(table, prm, scale, shift, out, crop, BLOCK: tl.constexpr, ROUND: tl.constexpr):
+        # table row n (int64): data pointer, h, w, samples sy, sx, strides row, pixel, channel
         n = tl.program_id(0)
         p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         inside = p < crop * crop
         oi = (p // crop).to(tl.float32)
         oj = (p % crop).to(tl.float32)
-        base = tl.load(offs + n)
-        h = tl.load(sizes + 2 * n)
-        w = tl.load(sizes + 2 * n + 1)
-        sy = tl.load(grid + 2 * n)
-        sx = tl.load(grid + 2 * n + 1)
+        row = table + 8 * n
+        src = tl.load(row).to(tl.pointer_type(tl.uint8))
+        h = tl.load(row + 1).to(tl.int32)
+        w = tl.load(row + 2).to(tl.int32)
+        sy = tl.load(row + 3).to(tl.int32)
+        sx = tl.load(row + 4).to(tl.int32)
+        rs = tl.load(row + 5)
+        ps = tl.load(row + 6)
+        cs = tl.load(row + 7)
         x0 = tl.load(prm + 4 * n)
         y0 = tl.load(prm + 4 * n + 1)
         bw = tl.load(prm + 4 * n + 2)
         bh = tl.load(prm + 4 * n + 3)
-        plane = h * w
         acc0 = tl.zeros([BLOCK], dtype=tl.float32)
         acc1 = tl.zeros([BLOCK], dtype=tl.float32)
         acc2 = tl.zeros([BLOCK], dtype=tl.float32)
@@ -366,22 +464,22 @@ if triton is not None:
                 w01 = (1 - ly) * lx
                 w10 = ly * (1 - lx)
                 w11 = ly * lx
-                p00 = src + base + yl * w + xl
-                p01 = src + base + yl * w + xh
-                p10 = src + base + yh * w + xl
-                p11 = src + base + yh * w + xh
+                p00 = src + yl * rs + xl * ps
+                p01 = src + yl * rs + xh * ps
+                p10 = src + yh * rs + xl * ps
+                p11 = src + yh * rs + xh * ps
                 acc0 += (w00 * tl.load(p00, mask=inside, other=0).to(tl.float32)
                          + w01 * tl.load(p01, mask=inside, other=0).to(tl.float32)
                          + w10 * tl.load(p10, mask=inside, other=0).to(tl.float32)
                          + w11 * tl.load(p11, mask=inside, other=0).to(tl.float32))
-                acc1 += (w00 * tl.load(p00 + plane, mask=inside, other=0).to(tl.float32)
-                         + w01 * tl.load(p01 + plane, mask=inside, other=0).to(tl.float32)
-                         + w10 * tl.load(p10 + plane, mask=inside, other=0).to(tl.float32)
-                         + w11 * tl.load(p11 + plane, mask=inside, other=0).to(tl.float32))
-                acc2 += (w00 * tl.load(p00 + 2 * plane, mask=inside, other=0).to(tl.float32)
-                         + w01 * tl.load(p01 + 2 * plane, mask=inside, other=0).to(tl.float32)
-                         + w10 * tl.load(p10 + 2 * plane, mask=inside, other=0).to(tl.float32)
-                         + w11 * tl.load(p11 + 2 * plane, mask=inside, other=0).to(tl.float32))
+                acc1 += (w00 * tl.load(p00 + cs, mask=inside, other=0).to(tl.float32)
+                         + w01 * tl.load(p01 + cs, mask=inside, other=0).to(tl.float32)
+                         + w10 * tl.load(p10 + cs, mask=inside, other=0).to(tl.float32)
+                         + w11 * tl.load(p11 + cs, mask=inside, other=0).to(tl.float32))
+                acc2 += (w00 * tl.load(p00 + 2 * cs, mask=inside, other=0).to(tl.float32)
+                         + w01 * tl.load(p01 + 2 * cs, mask=inside, other=0).to(tl.float32)
+                         + w10 * tl.load(p10 + 2 * cs, mask=inside, other=0).to(tl.float32)
+                         + w11 * tl.load(p11 + 2 * cs, mask=inside, other=0).to(tl.float32))
         inv = 1.0 / (sy * sx).to(tl.float32)
         dst = out + (n.to(tl.int64) * crop * crop + p) * 3
         if ROUND:
@@ -395,19 +493,31 @@ if triton is not None:
             tl.store(dst + 2, (acc2 * inv * tl.load(scale + 2) + tl.load(shift + 2)).to(ty), mask=inside)
 
 
-def crop_flat_triton(flat, offsets, sizes, prm, grid, crop, scale, shift, out_dtype, block=256):
-    """The same as crop_flat_torch in one Triton kernel (CUDA, or TRITON_INTERPRET=1 on the CPU).
-    Small per-image tables go to the device through pinned memory without a host sync."""
-    device = flat.device
-    n = len(offsets)
+def image_table(images, grid):
+    """int64 (N, 8) per image: data pointer, h, w, samples per bin sy, sx, and the element
+    strides of a row, a pixel and a channel. Any 3 x H x W uint8 layout works in place: torch's
+    planar decodes, nvImageCodec's interleaved ones (DeviceImage), strided views."""
+    rows = []
+    for im, (sy, sx) in zip(images, grid.tolist()):
+        cs, rs, ps = im.stride()
+        rows.append((im.data_ptr(), im.shape[-2], im.shape[-1], sy, sx, rs, ps, cs))
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def crop_triton(images, prm, grid, crop, scale, shift, out_dtype, block=256):
+    """The same function as crop_flat_torch in one Triton kernel that reads every image where it
+    lies (CUDA, or TRITON_INTERPRET=1 on the CPU). The small tables go to the device through
+    pinned memory without a host sync."""
+    device = images[0].device
+    n = len(images)
 
     def dev(t):
         if device.type == "cuda":
             return t.pin_memory().to(device, non_blocking=True)
         return t.contiguous()
     out = torch.empty((n, crop, crop, 3), dtype=out_dtype, device=device)
-    args = (flat, dev(offsets), dev(sizes.int()), dev(grid.int()), dev(prm.float()), dev(scale.float()),
-            dev(shift.float()), out, crop)
+    args = (dev(image_table(images, grid)), dev(prm.float()), dev(scale.float()), dev(shift.float()),
+            out, crop)
     launch = _crop_kernel[(n, triton.cdiv(crop * crop, block))]
     key = (out_dtype, device)
     if key in _COMPILED:
@@ -443,13 +553,15 @@ def crop_batch(images, boxes, crop, mean=None, std=None, dtype=torch.float32, ch
     "torch" (dense resampling matrices, any device) or "auto" (triton on CUDA where importable)."""
     if not images:
         raise ValueError("crop_batch: empty batch")
-    flat, offsets, sizes = flatten_images(images)
     prm, grid = sample_params(boxes, crop)
     scale, shift = _norm_consts(mean, std)
     out_dtype = torch.uint8 if mean is None else dtype
-    use_triton = backend == "triton" or (backend == "auto" and triton is not None and flat.is_cuda)
-    fn = crop_flat_triton if use_triton else crop_flat_torch
-    out = fn(flat, offsets, sizes, prm, grid, crop, scale, shift, out_dtype)
+    cuda = images[0].device.type == "cuda"
+    if backend == "triton" or (backend == "auto" and triton is not None and cuda):
+        out = crop_triton(images, prm, grid, crop, scale, shift, out_dtype)
+    else:
+        flat, offsets, sizes = flatten_images([as_torch(im) for im in images])
+        out = crop_flat_torch(flat, offsets, sizes, prm, grid, crop, scale, shift, out_dtype)
     return out if channels_last else out.contiguous()
 
 
@@ -543,13 +655,18 @@ class GpuBatchPipeline:
     Huffman stage, overlaps the training loop's Python); batches come out in their original
     order, with crops drawn per batch index (the same whichever thread made them). threads=0:
     batch i+1 is queued on one side stream before batch i is handed out, all in the caller's
-    thread. On a CPU device the same runs without streams (threads=0: all in the caller's thread)."""
+    thread. On a CPU device the same runs without streams (threads=0: all in the caller's thread).
 
-    def __init__(self, batches, augment, device="cuda", prefetch=3, threads=1, decoder=None,
+    decoder: a name for gpu_decoder ("nvjpeg", "hardware", "auto"; each thread makes its own, as
+    the hardware engines take several decoders at once) or one callable shared by all threads."""
+
+    def __init__(self, batches, augment, device="cuda", prefetch=3, threads=1, decoder="nvjpeg",
                  on_failure=None):
         self.batches, self.augment = batches, augment
         self.device = torch.device(device)
         self.prefetch, self.threads, self.decoder = max(1, prefetch), max(0, threads), decoder
+        self._local = threading.local()
+        self.decoder_kind = None
         self.on_failure = on_failure or (lambda key, reason: warnings.warn(f"dropped {key}: {reason}"))
         self._lock = threading.Lock()
         # host seconds spent per stage by whoever prepares batches (enqueue time, not GPU time):
@@ -568,13 +685,24 @@ class GpuBatchPipeline:
             for k, v in seconds.items():
                 self.stats[k] += v
 
+    def thread_decoder(self):
+        """This thread's decoder (made on first use; None: decode_jpegs' default)."""
+        if self.decoder is None or callable(self.decoder):
+            return self.decoder
+        if self.device.type != "cuda":
+            return None
+        if getattr(self._local, "decoder", None) is None:
+            self._local.decoder = gpu_decoder(self.decoder, self.device)
+            self.decoder_kind = self._local.decoder.kind  # which one "auto" found
+        return self._local.decoder
+
     def process(self, raw, index=None):
         """One raw batch -> (x, y) on the device, in the current stream."""
         blobs, labels, keys, pre, pre_labels = _fields(raw)
         parts_x, parts_y = [], []
         t0 = t1 = time.perf_counter()
         if blobs:
-            images, failures = decode_jpegs(blobs, self.device, keys, self.decoder)
+            images, failures = decode_jpegs(blobs, self.device, keys, self.thread_decoder())
             with self._lock:
                 for key, reason in failures:
                     self.on_failure(key, reason)
@@ -742,12 +870,12 @@ class GpuBatchPipeline:
 
 # ---------------------------------------------------------------------------------------- helpers
 
-def val_pipeline(loader, device, crop_size, mean, std, on_failure=None, threads=1):
+def val_pipeline(loader, device, crop_size, mean, std, on_failure=None, threads=1, decoder="nvjpeg"):
     """Center crops of a decode="gpu" val loader as normalised float32 NCHW on `device`: the same
     input the CPU path gives the model (tools.imagenet.evaluation.evaluate takes either)."""
     aug = GpuAugment(crop_size, mode="center", mean=mean, std=std, dtype=torch.float32,
                      channels_last=False)
-    return GpuBatchPipeline(loader, aug, device, threads=threads, on_failure=on_failure)
+    return GpuBatchPipeline(loader, aug, device, threads=threads, on_failure=on_failure, decoder=decoder)
 
 
 def failure_log(path, **context):

@@ -18,7 +18,8 @@ rule evaluate:
         batch_size=config["evaluate"].get("batch_size", 256),
         workers=config["evaluate"].get("workers", 8),
         decode=config["evaluate"].get("decode", "auto"),
+        gpu_decoder=config["evaluate"].get("gpu_decoder", "auto"),
     shell:
         "{PY} -m tools.evaluate --run-dir {params.run_dir} --shards {input.shards} --output {output}"
         " --device {params.device} --batch-size {params.batch_size} --workers {params.workers}"
-        " --decode {params.decode} --amp {params.amp} {params.channels_last} {params.ten_crop}"
+        " --decode {params.decode} --gpu-decoder {params.gpu_decoder} --amp {params.amp} {params.channels_last} {params.ten_crop}"
