@@ -13,15 +13,18 @@ an ImageFolder tree of them and WebDataset shards (plain tarfile, per the shard 
                    ToTensor/Normalize, as pytorch/examples/imagenet
   (c) cpu          the shards through tools.imagenet.loader.train_loader (PIL decode + crop in
                    workers), uint8 to the GPU, normalised there
-  (d) gpu          train_loader(decode="gpu"): workers hand over raw JPEG bytes; GpuBatchPipeline
-                   decodes (nvJPEG) and crops (Triton kernel) on the GPU in --decode-threads threads
-                   with their own streams, overlapped with the step (what tools.train --decode gpu runs)
-  (e) hybrid       as (d), with a fraction (--hybrid-fractions) of every batch decoded and cropped by
+  (d) nvjpeg       train_loader(decode="gpu"): workers hand over raw JPEG bytes; GpuBatchPipeline
+                   decodes (torchvision's nvJPEG, on the SMs) and crops (Triton kernel) on the GPU in
+                   --decode-threads threads with their own streams, overlapped with the step
+                   (what tools.train --decode gpu --gpu-decoder nvjpeg runs)
+  (e) nvjpeg+cpu   as (d), with a fraction (--hybrid-fractions) of every batch decoded and cropped by
                    the workers (tools.train --cpu-fraction)
-plus, for the data path alone (no model): stage costs of one batch (decode with nvJPEG /
-nvImageCodec, the phase-1 pad + roi_align crop against the flat-buffer crop in torch and Triton),
-decode throughput from 1 and 2 threads, (d) with 0-3 decode threads, (f) nvImageCodec and
-(g) nvImageCodec hardware engine + nvJPEG splitting each batch, where nvImageCodec is installed.
+  (f) hardware     as (d) with nvImageCodec on the GPU's hardware JPEG engines, off the SMs
+                   (--gpu-decoder hardware), where nvidia-nvimgcodec is installed
+  (g) hw+cpu       as (f) plus CPU workers (--hardware-fractions)
+plus, for the data path alone (no model): stage costs of one batch (decode with each decoder,
+the phase-1 pad + roi_align crop against the in-place crop in torch and Triton), decode
+throughput from 1-3 threads, and (d)/(f) with 1-3 decode threads.
 Models: --models (alexnetowtbn eager / torch.compile, resnet50; bf16 autocast, channels_last).
 Prints a table (images/s, share of the ceiling) last.
 --loader-only: (b) vs (c) with no model and no GPU.
@@ -113,67 +116,6 @@ def make_dataset(work, num_images, num_classes, workers, shard_size):
     return src, write_shards(src, work / "shards", shard_size)
 
 
-# ----------------------------------------------------------------------------------------- decoders
-# Alternatives to the project's decoder (torchvision's nvJPEG), measured here only.
-
-def nvimgcodec_decoder(device="cuda", hardware=True):
-    """nvImageCodec batched decoder with gpu_data.decode_jpegs' decoder interface (list of uint8
-    1-D CPU tensors -> list of 3xHxW on the device), or None where it is not installed.
-
-    hardware=True prefers the GPU's hardware JPEG engine (A100/H100 have one), then CUDA decode.
-    Needs libnvjpeg (CUDA toolkit's lib64 on LD_LIBRARY_PATH, or the nvidia-nvjpeg wheel)."""
-    try:
-        from nvidia import nvimgcodec
-    except ImportError:
-        return None
-    backends = [nvimgcodec.Backend(nvimgcodec.BackendKind.GPU_ONLY)]
-    if hardware:
-        backends.insert(0, nvimgcodec.Backend(nvimgcodec.BackendKind.HW_GPU_ONLY))
-    dev = torch.device(device)
-    dec = nvimgcodec.Decoder(device_id=dev.index or 0, backends=backends)
-    params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB,
-                                     allow_any_depth=False, sample_format=nvimgcodec.SampleFormat.P_RGB)
-
-    def decode(tensors):
-        stream = torch.cuda.current_stream(dev)
-        streams = [nvimgcodec.CodeStream(t.numpy()) for t in tensors]
-        out = dec.decode(streams, params=params, cuda_stream=stream.cuda_stream)
-        if any(im is None for im in out):
-            raise RuntimeError("nvimgcodec could not decode an image of the batch")
-        images = []
-        for im in out:  # planar RGB on the device, owned by nvimgcodec: copy in our stream
-            t = torch.as_tensor(im, device=dev)
-            images.append((t if t.shape[0] == 3 else t.permute(2, 0, 1)).clone())
-        return images
-    return decode
-
-
-class SplitDecoder:
-    """A decoder that sends the first `share` of each batch to `first` and the rest to `second`,
-    at the same time (e.g. nvImageCodec's hardware engine beside torchvision's nvJPEG on the SMs:
-    different hardware, and each library has its own lock). close() stops its thread."""
-
-    def __init__(self, first, second, share):
-        from concurrent.futures import ThreadPoolExecutor
-        self.first, self.second, self.share = first, second, share
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="split-decode")
-
-    def __call__(self, tensors):
-        k = round(len(tensors) * self.share)
-        stream = torch.cuda.current_stream()
-        side = self.pool.submit(_on_stream, self.first, tensors[:k], stream) if k else None
-        rest = self.second(tensors[k:]) if k < len(tensors) else []
-        return (side.result() if side else []) + rest
-
-    def close(self):
-        self.pool.shutdown(wait=True)
-
-
-def _on_stream(fn, tensors, stream):
-    with torch.cuda.stream(stream):
-        return fn(tensors)
-
-
 # ----------------------------------------------------------------------------------------- sources
 
 def imagefolder_batches(root, batch, workers, crop):
@@ -198,8 +140,9 @@ def cpu_batches(shards, batch, workers, crop, aug, total):
     return loader
 
 
-def gpu_batches(shards, batch, workers, crop, aug, total, cpu_fraction=0.0, decoder=None, threads=1):
-    """(d)/(e): the project's GPU path, as tools.train --decode gpu [--cpu-fraction] runs it."""
+def gpu_batches(shards, batch, workers, crop, aug, total, cpu_fraction=0.0, decoder="nvjpeg", threads=1):
+    """(d)-(g): the project's GPU path, as tools.train --decode gpu [--gpu-decoder] [--cpu-fraction]
+    runs it."""
     from tools.imagenet.loader import train_loader
     loader = train_loader(shards, global_batch_size=batch, epoch=1, seed=0, rank=0, world_size=1,
                           workers=workers, crop_size=crop, aug=aug, decode="gpu", cpu_fraction=cpu_fraction)
@@ -335,21 +278,26 @@ def micro(shards, batch, crop, aug, decoders, reps=10):
                 "crop_flat_torch_ms": timed(lambda: gpu_data.crop_batch(*crop_args, backend="torch")),
                 "crop_flat_triton_ms": timed(lambda: gpu_data.crop_batch(*crop_args, backend="triton")),
                 "augment_ms": timed(lambda: augment(images))})
-    # decode from two threads at once (own streams): does torchvision's nvJPEG serialise?
+    if "hardware" in decoders:  # the crop reading nvImageCodec's interleaved images in place
+        hw_images, _ = gpu_data.decode_jpegs(blobs, "cuda", decoder=decoders["hardware"])
+        out["augment_hardware_images_ms"] = timed(lambda: augment(hw_images))
+    # decode from two threads at once (own streams, own decoders): does the decoder serialise?
     import threading
-    for nthreads in (1, 2):
-        def work():
-            with torch.cuda.stream(torch.cuda.Stream()):
-                for _ in range(reps):
-                    gpu_data.decode_jpegs(blobs, "cuda")
-                torch.cuda.current_stream().synchronize()
-        ths = [threading.Thread(target=work) for _ in range(nthreads)]
-        t0 = time.perf_counter()
-        for t in ths:
-            t.start()
-        for t in ths:
-            t.join()
-        out[f"decode_{nthreads}threads_img_per_s"] = nthreads * reps * batch / (time.perf_counter() - t0)
+    makers = {"nvjpeg": gpu_data.torchvision_gpu_decoder, "hardware": gpu_data.hardware_jpeg_decoder}
+    for name in decoders:
+        for nthreads in (1, 2, 3):
+            def work(dec):
+                with torch.cuda.stream(torch.cuda.Stream()):
+                    for _ in range(reps):
+                        gpu_data.decode_jpegs(blobs, "cuda", decoder=dec)
+                    torch.cuda.current_stream().synchronize()
+            ths = [threading.Thread(target=work, args=(makers[name]("cuda"),)) for _ in range(nthreads)]
+            t0 = time.perf_counter()
+            for t in ths:
+                t.start()
+            for t in ths:
+                t.join()
+            out[f"decode_{name}_{nthreads}threads_img_per_s"] = nthreads * reps * batch / (time.perf_counter() - t0)
     out["augment_img_per_s"] = batch / out["augment_ms"] * 1000
     return out
 
@@ -366,14 +314,19 @@ def parse_args(argv=None):
                    help="DataLoader workers of the decoding paths b, c, e (default: all cores)")
     p.add_argument("--raw-workers", type=int, default=4,
                    help="workers of the GPU path d, which only read shards (default 4)")
-    p.add_argument("--decode-threads", type=int, default=1,
-                   help="GPU path: decode threads of GpuBatchPipeline (default 1)")
+    p.add_argument("--decode-threads", default="1,2",
+                   help="GPU paths: decode threads of GpuBatchPipeline; a comma list runs (d) with each, "
+                        "the others with the last (default 1,2)")
     p.add_argument("--hybrid-fractions", default="0.1,0.2,0.3",
                    help="comma list: shares of each batch the workers decode in the hybrid path e")
     p.add_argument("--steps", type=int, default=20, help="steps per timed window (default 20)")
     p.add_argument("--warmup", type=int, default=8,
                    help="untimed steps first (default 8; raised to 4 x workers + 4 for loader paths)")
     p.add_argument("--repeats", type=int, default=3, help="timed windows; the median is reported (default 3)")
+    p.add_argument("--hardware-fractions", default="0.1,0.2",
+                   help="CPU shares for (g), the hardware decoder plus CPU workers (default 0.1,0.2)")
+    p.add_argument("--switch-interval", type=float, default=None,
+                   help="sys.setswitchinterval for this process (seconds; Python's default 0.005)")
     p.add_argument("--models", default="alexnetowtbn+compile,alexnetowtbn,resnet50",
                    help="comma list; '+compile' wraps the model in torch.compile")
     p.add_argument("--paths", default="a,b,c,d,e,f,g", help="comma list of the paths a-g to run")
@@ -385,6 +338,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
     torch.backends.cudnn.benchmark = True
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_loader_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -424,16 +379,13 @@ def main(argv=None) -> int:
     else:
         card = torch.cuda.get_device_name()
         print(f"card: {card}; torch {torch.__version__}; {W} workers", file=sys.stderr)
-        T = args.decode_threads
+        threads = [int(t) for t in str(args.decode_threads).split(",")]
+        T = threads[-1]  # the others: path d only
+        decoders = {"nvjpeg": gpu_data.torchvision_gpu_decoder("cuda")}
         try:
-            nvimg = nvimgcodec_decoder("cuda")
-        except Exception as exc:
-            print(f"nvimgcodec unusable: {type(exc).__name__}: {exc}", file=sys.stderr)
-            nvimg = None
-        decoders = {"nvjpeg": None}
-        if nvimg is not None:
-            decoders["nvimgcodec"] = nvimg
-            decoders["split"] = SplitDecoder(nvimg, gpu_data.torchvision_gpu_decoder("cuda"), 0.35)
+            decoders["hardware"] = gpu_data.hardware_jpeg_decoder("cuda")
+        except RuntimeError as exc:
+            print(f"hardware decoder unusable: {exc}", file=sys.stderr)
         try:
             m = micro(shards, B, C, args.aug, decoders)
             for name in decoders:
@@ -445,32 +397,33 @@ def main(argv=None) -> int:
         except Exception as exc:  # the table below still comes out
             print(f"micro failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         fractions = [float(f) for f in args.hybrid_fractions.split(",") if f]
+        hw = "hardware" in decoders
         sources = {
             "b imagefolder": (lambda: imagefolder_batches(src / "train", B, W, C), float_to_gpu),
             "c cpu": (lambda: cpu_batches(shards, B, W, C, args.aug, total), uint8_to_gpu),
-            f"d gpu t{T}": (lambda: gpu_batches(shards, B, args.raw_workers, C, args.aug, total, threads=T), None),
         }
+        for t in threads:
+            sources[f"d nvjpeg t{t}"] = (lambda t=t: gpu_batches(shards, B, args.raw_workers, C, args.aug, total,
+                                                                 threads=t), None)
         for f in fractions:
-            sources[f"e hybrid {f:.2f}"] = (lambda f=f: gpu_batches(shards, B, HW, C, args.aug, total, f,
-                                                                    threads=T), None)
+            sources[f"e nvjpeg+cpu {f:.2f}"] = (lambda f=f: gpu_batches(shards, B, HW, C, args.aug, total, f,
+                                                                        threads=T), None)
+        if hw:
+            sources[f"f hardware t{T}"] = (lambda: gpu_batches(shards, B, args.raw_workers, C, args.aug, total,
+                                                               decoder="hardware", threads=T), None)
+            for f in [float(f) for f in args.hardware_fractions.split(",") if f]:
+                sources[f"g hw+cpu {f:.2f}"] = (lambda f=f: gpu_batches(
+                    shards, B, HW, C, args.aug, total, f, decoder="hardware", threads=T), None)
         chosen = {k: v for k, v in sources.items() if k[0] in paths}
         # the data paths alone (a trivial GPU op per batch)
         for path, (make, to_dev) in chosen.items():
             if path[0] != "b":
                 run("none", path, make, touch_step, to_dev)
-        if "d" in paths:
-            for t in sorted({0, 1, 2} - {T}):
-                run("none", f"d gpu t{t}", lambda t=t: gpu_batches(shards, B, args.raw_workers, C, args.aug,
-                                                                   total, threads=t), touch_step)
-            other = "crop" if args.aug == "rrc" else "rrc"
-            run("none", f"d gpu {other}", lambda: gpu_batches(shards, B, args.raw_workers, C, other, total,
-                                                              threads=T), touch_step)
-        for key, name in (("f", "nvimgcodec"), ("g", "split")):
+        for key, name in (("d", "nvjpeg"), ("f", "hardware")):
             if key in paths and name in decoders:
-                run("none", f"{key} {name}", lambda d=decoders[name]: gpu_batches(
-                    shards, B, args.raw_workers, C, args.aug, total, decoder=d, threads=T), touch_step)
-        if "split" in decoders:  # the model runs below use the default decoder
-            decoders["split"].close()
+                for t in sorted({1, 2, 3} - set(threads if key == "d" else [T])):
+                    run("none", f"{key} {name} t{t}", lambda t=t, name=name: gpu_batches(
+                        shards, B, args.raw_workers, C, args.aug, total, decoder=name, threads=t), touch_step)
         for spec in args.models.split(","):
             arch, _, opt = spec.partition("+")
             try:

@@ -281,7 +281,7 @@ def test_decoder_none_entries_fall_back_per_image():
 def test_gpu_decoder_choice():
     with pytest.raises(ValueError, match="unknown GPU decoder"):
         gd.gpu_decoder("dali", "cpu")
-    assert gd.gpu_decoder("auto", "cpu").kind == "nvjpeg"  # no engine off CUDA
+    assert gd.gpu_decoder("nvjpeg", "cpu").kind == "nvjpeg"
     if gd.import_nvimgcodec() is None and torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="nvImageCodec is not installed"):
             gd.gpu_decoder("hardware", "cuda")

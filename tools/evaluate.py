@@ -55,9 +55,9 @@ def parse_args(argv=None):
                    help="where the JPEGs are decoded and cropped: cpu (PIL in the loader workers), gpu "
                         "(nvJPEG + a crop kernel on the device; on a CPU device the same code runs on "
                         "the CPU) or auto (gpu where CUDA works, cpu for --ten-crop) (default: auto)")
-    p.add_argument("--gpu-decoder", choices=["auto", "nvjpeg", "hardware"], default="auto",
-                   help="--decode gpu: nvjpeg (torchvision, on the SMs), hardware (nvImageCodec on the "
-                        "JPEG engines of A100/H100/H200) or auto (hardware where it works) (default: auto)")
+    p.add_argument("--gpu-decoder", choices=["nvjpeg", "hardware"], default="nvjpeg",
+                   help="--decode gpu: nvjpeg (torchvision, on the SMs) or hardware (nvImageCodec on the "
+                        "JPEG engines of A100/H100/H200) (default: nvjpeg)")
     p.add_argument("--amp", choices=sorted(AMP_DTYPES), default="none",
                    help="autocast dtype for the forward pass (default: none, full fp32)")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format (faster on GPUs)")

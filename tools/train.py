@@ -90,10 +90,11 @@ def parse_args(argv=None):
       "gpu when CUDA works")
     a("--cpu-fraction", type=float, default=0.0, help="--decode gpu: share of each batch the "
       "workers decode and crop on the CPU (hybrid; raise it when the GPU decoder is the limit)")
-    a("--gpu-decoder", default="auto", choices=list(gpu_data.GPU_DECODERS), help="--decode gpu: "
-      "nvjpeg (torchvision, on the SMs the step uses), hardware (nvImageCodec on the JPEG engines "
-      "of A100/H100/H200, off the SMs; needs nvidia-nvimgcodec), auto: hardware where it works")
-    a("--decode-threads", type=int, default=1, help="--decode gpu: host threads decoding and "
+    a("--gpu-decoder", default="nvjpeg", choices=list(gpu_data.GPU_DECODERS), help="--decode gpu: "
+      "nvjpeg (torchvision, on the SMs the step uses; the faster one on an H200) or hardware "
+      "(nvImageCodec on the JPEG engines of A100/H100/H200, off the SMs; needs nvidia-nvimgcodec "
+      "and libnvjpeg on LD_LIBRARY_PATH)")
+    a("--decode-threads", type=int, default=2, help="--decode gpu: host threads decoding and "
       "cropping batches ahead, each with its own CUDA stream (nvJPEG serialises its calls)")
     a("--shuffle-buffer", type=int, default=1000, help="samples in each loader's shuffle buffer")
     a("--normalize", default="manifest", choices=["manifest", "imagenet"],
@@ -409,7 +410,7 @@ def train(args, rank, world, device, stop):
     local_batch = args.batch_size // world
     decode = resolve_decode(args.decode) if device.type == "cuda" or args.decode != "auto" else "cpu"
     bad_log = gpu_data.failure_log(out / "bad_samples.tsv", rank=rank)
-    # "auto" resolved once, so every pipeline and thread uses the same decoder
+    # made once here so that a missing hardware decoder fails now, not in a loader thread
     decoder = gpu_data.gpu_decoder(args.gpu_decoder, device).kind if decode == "gpu" else None
     val = val_loader(args.shards, args.val_batch_size or local_batch, rank, world, args.workers,
                      args.crop_size, decode=decode)

@@ -177,20 +177,19 @@ def hardware_jpeg_decoder(device):
     return decode
 
 
-GPU_DECODERS = ("auto", "nvjpeg", "hardware")
+GPU_DECODERS = ("nvjpeg", "hardware")
 
 
 def gpu_decoder(kind, device):
-    """A batch decoder by name: "nvjpeg" (torchvision, on the SMs), "hardware" (nvImageCodec on the
-    JPEG engines), "auto" (hardware where it works, else nvjpeg). Each decode thread makes its own."""
+    """A batch decoder by name: "nvjpeg" (torchvision, on the SMs) or "hardware" (nvImageCodec on
+    the JPEG engines; raises where it cannot). Each decode thread makes its own.
+
+    nvjpeg is the default: on an H200 it fed AlexNet faster (bench/NOTES-gpu.md), as the hardware
+    decoder's per-batch host work competes for the GIL with the rest of the pipeline."""
     if kind not in GPU_DECODERS:
         raise ValueError(f"unknown GPU decoder {kind!r}: choose one of {', '.join(GPU_DECODERS)}")
-    if kind != "nvjpeg" and torch.device(device).type == "cuda":
-        try:
-            return hardware_jpeg_decoder(device)
-        except RuntimeError:
-            if kind == "hardware":
-                raise
+    if kind == "hardware" and torch.device(device).type == "cuda":
+        return hardware_jpeg_decoder(device)
     return torchvision_gpu_decoder(device)
 
 
@@ -657,7 +656,7 @@ class GpuBatchPipeline:
     batch i+1 is queued on one side stream before batch i is handed out, all in the caller's
     thread. On a CPU device the same runs without streams (threads=0: all in the caller's thread).
 
-    decoder: a name for gpu_decoder ("nvjpeg", "hardware", "auto"; each thread makes its own, as
+    decoder: a name for gpu_decoder ("nvjpeg", "hardware"; each thread makes its own, as
     the hardware engines take several decoders at once) or one callable shared by all threads."""
 
     def __init__(self, batches, augment, device="cuda", prefetch=3, threads=1, decoder="nvjpeg",
@@ -693,7 +692,7 @@ class GpuBatchPipeline:
             return None
         if getattr(self._local, "decoder", None) is None:
             self._local.decoder = gpu_decoder(self.decoder, self.device)
-            self.decoder_kind = self._local.decoder.kind  # which one "auto" found
+            self.decoder_kind = self._local.decoder.kind
         return self._local.decoder
 
     def process(self, raw, index=None):
