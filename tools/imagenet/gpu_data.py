@@ -10,13 +10,15 @@ Usage:
 
 Pieces:
 - decode_jpegs(blobs, device): batched nvJPEG through torchvision (one bad image fails the whole
-  batch: the batch is then split in halves until the bad ones are isolated), CPU fallback with PIL by
-  content (CMYK, grayscale, PNG named .jpg ...) and a list of (key, reason) for what nothing decodes.
-  On a CPU device everything runs on the CPU (libjpeg-turbo through torchvision, then PIL).
+  batch: the batch is then split in halves until the bad ones are isolated), or nvImageCodec on the
+  GPU's hardware JPEG engines (gpu_decoder("hardware"); None per image it cannot), CPU fallback with
+  PIL by content (CMYK, grayscale, PNG named .jpg ...) and a list of (key, reason) for what nothing
+  decodes. On a CPU device everything runs on the CPU (libjpeg-turbo through torchvision, then PIL).
 - GpuAugment: crop parameters drawn on the CPU with a seeded torch.Generator, vectorised over the
-  batch (no per-image Python RNG calls). The crop reads the decoded images in place from one flat
-  buffer (one torch.cat, no padding): a Triton kernel on CUDA (crop_flat_triton), a dense
-  resampling-matrix version in torch elsewhere (crop_flat_torch; the same function). Each output
+  batch (no per-image Python RNG calls). The crop reads the decoded images where they lie, through
+  a table of pointers and strides (planar or interleaved): a Triton kernel on CUDA (crop_triton), a
+  dense resampling-matrix version in torch elsewhere (crop_flat_torch, over the images
+  concatenated; the same function). Each output
   pixel averages ceil(box side / crop) x ... bilinear samples of its bin (roi_align(aligned=True)
   geometry, per image and axis: a box filter when shrinking, like PIL's antialiasing), positions
   clamped at the image edge; an unscaled crop (the seed's 224 of 256, the center crop) copies
@@ -330,8 +332,9 @@ def flip_boxes(boxes, gen, p=0.5):
 
 
 # ---------------------------------------------------------------------------------------- crop
-# The crop reads every decoded image in place from ONE flat buffer (the images concatenated, one
-# torch.cat): no padded batch, no per-image copy loop. Each output pixel averages sy x sx bilinear
+# The crop reads every decoded image where it lies (the kernel gets a table of pointers and strides;
+# the torch version one concatenated buffer): no padded batch, no per-image copy loop, and the
+# decoder's own layout (planar nvJPEG, interleaved nvImageCodec). Each output pixel averages sy x sx bilinear
 # samples spread over its bin of the box (sy = ceil(box height / crop), per image and axis, as
 # roi_align(aligned=True, sampling_ratio=0) does), sample positions clamped to the image (edge
 # replication). An unscaled box (the seed's crop, the center crop) samples pixel centres exactly,
