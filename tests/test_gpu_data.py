@@ -290,6 +290,21 @@ def test_gpu_decoder_choice():
     assert pipe.thread_decoder() is None
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or gd.import_nvimgcodec() is None,
+                    reason="needs a CUDA GPU and nvImageCodec")
+def test_hardware_decoder_matches_nvjpeg_and_falls_back():
+    keys = [f"k{i}" for i in range(5)]
+    blobs = [_encode(k) for k in KINDS]
+    images, failures = gd.decode_jpegs(blobs, "cuda", keys, decoder=gd.gpu_decoder("hardware", "cuda"))
+    _check_decoded([None if im is None else gd.as_torch(im).cpu() for im in images], failures)
+    ref, _ = gd.decode_jpegs(blobs, "cuda", keys)
+    aug = gd.GpuAugment(24, mode="center")
+    kept = [i for i, im in enumerate(images) if im is not None]
+    a = aug([images[i] for i in kept]).float()
+    b = aug([ref[i] for i in kept]).float()
+    assert (a - b).abs().mean() < 2.0  # two JPEG decoders: a level or two apart at most
+
+
 def test_pipeline_drops_and_reports_bad_images_keeping_labels_aligned():
     colors = [(250, 10, 10), (10, 250, 10), (10, 10, 250), (0, 0, 0), (128, 128, 128)]
     blobs = [_encode(k, w=80, h=72, color=c) for k, c in zip(KINDS, colors)]
