@@ -281,20 +281,26 @@ def micro(shards, batch, crop, aug, decoders, reps=10):
     if "hardware" in decoders:  # the crop reading nvImageCodec's interleaved images in place
         hw_images, _ = gpu_data.decode_jpegs(blobs, "cuda", decoder=decoders["hardware"])
         out["augment_hardware_images_ms"] = timed(lambda: augment(hw_images))
-    # decode from two threads at once (own streams, own decoders): does the decoder serialise?
+    # decode from several threads at once (own streams, own decoders): does the decoder serialise?
     import threading
     makers = {"nvjpeg": gpu_data.torchvision_gpu_decoder, "hardware": gpu_data.hardware_jpeg_decoder}
     for name in decoders:
         for nthreads in (1, 2, 3):
+            ready = threading.Barrier(nthreads + 1)
+
             def work(dec):
                 with torch.cuda.stream(torch.cuda.Stream()):
+                    gpu_data.decode_jpegs(blobs, "cuda", decoder=dec)  # a new decoder's first call: untimed
+                    torch.cuda.current_stream().synchronize()
+                    ready.wait()
                     for _ in range(reps):
                         gpu_data.decode_jpegs(blobs, "cuda", decoder=dec)
                     torch.cuda.current_stream().synchronize()
             ths = [threading.Thread(target=work, args=(makers[name]("cuda"),)) for _ in range(nthreads)]
-            t0 = time.perf_counter()
             for t in ths:
                 t.start()
+            ready.wait()
+            t0 = time.perf_counter()
             for t in ths:
                 t.join()
             out[f"decode_{name}_{nthreads}threads_img_per_s"] = nthreads * reps * batch / (time.perf_counter() - t0)

@@ -10,7 +10,6 @@ AlexNet-BN train step flat out (who gets the GPU). bench/NOTES-gpu.md says what 
 Needs nvidia-nvimgcodec for the hardware rows (the rest runs without it).
 """
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -23,27 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bench_loader as bl  # noqa: E402
-
-
-def import_nvimgcodec():
-    try:
-        from nvidia import nvimgcodec
-        return nvimgcodec
-    except Exception as exc:  # noqa: BLE001
-        print(f"first import failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-    try:
-        import nvidia
-        print("nvidia module:", getattr(nvidia, "__file__", None), list(getattr(nvidia, "__path__", [])),
-              file=sys.stderr)
-        for entry in sys.path:
-            cand = Path(entry or ".") / "nvidia"
-            if (cand / "nvimgcodec").is_dir() and str(cand) not in list(nvidia.__path__):
-                nvidia.__path__.append(str(cand))
-        from nvidia import nvimgcodec
-        return nvimgcodec
-    except Exception as exc:  # noqa: BLE001
-        print(f"second import failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return None
+from tools.imagenet import gpu_data as gd  # noqa: E402
 
 
 def rate(fn, n_images, seconds=3.0):
@@ -114,7 +93,7 @@ def main():
         decode_jpeg(tensors[k], device="cuda")
     res["tv_alone"] = rate(tv, B)
 
-    nv = import_nvimgcodec()
+    nv = gd.import_nvimgcodec()
     hw = None
     if nv is not None:
         print("nvimgcodec", getattr(nv, "__version__", "?"), flush=True)
@@ -131,7 +110,6 @@ def main():
                     [torch.as_tensor(o, device="cuda") for o in out]
             return f
         hw = make(dec_hw, True)
-        from tools.imagenet import gpu_data as gd
         arrays = [[torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in bt] for bt in batches]
         j = {"k": 0}
 
