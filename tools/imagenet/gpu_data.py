@@ -67,8 +67,8 @@ def decode_jpeg(data, **kwargs):
 def pack_jpegs(blobs):
     """list of bytes -> (uint8 1-D tensor of all bytes, int64 offsets of length N+1).
 
-    Workers return this instead of a list of bytes: two tensors travel through shared memory,
-    whereas a list of bytes is pickled through a pipe."""
+    Workers return this instead of a list of bytes: the data tensor travels through shared memory,
+    whereas a list of bytes is pickled through a pipe (offsets: see loader._raw_batch)."""
     sizes = [len(b) for b in blobs]
     offsets = torch.zeros(len(blobs) + 1, dtype=torch.int64)
     offsets[1:] = torch.tensor(sizes, dtype=torch.int64).cumsum(0)

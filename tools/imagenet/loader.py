@@ -16,7 +16,9 @@ in manifest order, so every val image is seen exactly once across all ranks and 
 Batches are uint8 NCHW tensors laid out channels-last in memory (a permuted NHWC array).
 
 decode="gpu": the workers only read the shards and hand over each batch undecoded, as
-{"data": uint8 1-D (all JPEG bytes), "offsets": int64 N+1, "labels": int64 N, "keys": [N str]}
+{"data": uint8 1-D tensor (all JPEG bytes), "offsets": int64 N+1 and "labels": int64 N numpy arrays,
+"keys": [N str]} (only the big tensor goes through shared memory: each shared tensor costs the main
+process a socket connection to receive its file descriptor)
 (plus, for train with cpu_fraction > 0, "pre"/"pre_labels": that share of the batch decoded and
 cropped by the worker, uint8; a sample the worker cannot decode stays raw, so the GPU path retries
 it and reports it): tools.imagenet.gpu_data.GpuBatchPipeline decodes and crops them on the GPU.
@@ -200,11 +202,11 @@ def _raw_batch(samples, pre=None, pre_labels=None):
     """Undecoded batch for the GPU path (see the module docstring)."""
     from tools.imagenet.gpu_data import pack_jpegs
     data, offsets = pack_jpegs([s["jpg"] for s in samples])
-    out = {"data": data, "offsets": offsets,
-           "labels": torch.tensor([int(s["cls"]) for s in samples], dtype=torch.int64),
+    out = {"data": data, "offsets": offsets.numpy(),
+           "labels": np.array([int(s["cls"]) for s in samples], dtype=np.int64),
            "keys": [s["__key__"] for s in samples]}
     if pre is not None:
-        out["pre"], out["pre_labels"] = pre, pre_labels
+        out["pre"], out["pre_labels"] = pre, pre_labels.numpy()
     return out
 
 
@@ -318,6 +320,10 @@ class ValStream(IterableDataset):
             yield batch(images, labels)
 
 
+def _as_is(batch):
+    return batch
+
+
 def _worker_init(_):
     # A preempted job's SIGTERM reaches the workers too: let the main process stop them after its
     # current step instead of dying mid-batch.
@@ -338,8 +344,10 @@ class Loader:
         return self.num_batches
 
     def __iter__(self):
+        # collate_fn: batches are built by the streams; the default would turn a raw batch's small
+        # numpy arrays into tensors, each then shared through its own file descriptor
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.workers,
-                            pin_memory=self.pin_memory,
+                            pin_memory=self.pin_memory, collate_fn=_as_is,
                             prefetch_factor=4 if self.workers else None,
                             worker_init_fn=_worker_init if self.workers else None)
         # The workers fork here, in the caller's thread, not at the first next(): that may come
