@@ -22,6 +22,10 @@ an ImageFolder tree of them and WebDataset shards (plain tarfile, per the shard 
   (f) hardware     as (d) with nvImageCodec on the GPU's hardware JPEG engines, off the SMs
                    (--gpu-decoder hardware), where nvidia-nvimgcodec is installed
   (g) hw+cpu       as (f) plus CPU workers (--hardware-fractions)
+  (h) engine       as (d) with tools.imagenet.nvjpeg (libnvjpeg's hardware backend called directly:
+                   a decoder per thread, no host wait; --gpu-decoder engine)
+  (i) engine+cpu   as (h) plus CPU workers (--engine-fractions)
+Decode streams have high priority; --priority-ab adds (d) and (h) on normal-priority streams.
 plus, for the data path alone (no model): stage costs of one batch (decode with each decoder,
 the phase-1 pad + roi_align crop against the in-place crop in torch and Triton), decode
 throughput from 1-3 threads, and (d)/(f) with 1-3 decode threads.
@@ -140,7 +144,8 @@ def cpu_batches(shards, batch, workers, crop, aug, total):
     return loader
 
 
-def gpu_batches(shards, batch, workers, crop, aug, total, cpu_fraction=0.0, decoder="nvjpeg", threads=1):
+def gpu_batches(shards, batch, workers, crop, aug, total, cpu_fraction=0.0, decoder="nvjpeg", threads=1,
+                priority=-1):
     """(d)-(g): the project's GPU path, as tools.train --decode gpu [--gpu-decoder] [--cpu-fraction]
     runs it."""
     from tools.imagenet.loader import train_loader
@@ -148,7 +153,8 @@ def gpu_batches(shards, batch, workers, crop, aug, total, cpu_fraction=0.0, deco
                           workers=workers, crop_size=crop, aug=aug, decode="gpu", cpu_fraction=cpu_fraction)
     loader.num_batches = max(loader.num_batches, total)
     augment = gpu_data.GpuAugment(crop, mode=aug, mean=MEAN, std=STD, dtype=torch.bfloat16, seed=0)
-    return gpu_data.GpuBatchPipeline(loader, augment, device="cuda", decoder=decoder, threads=threads)
+    return gpu_data.GpuBatchPipeline(loader, augment, device="cuda", decoder=decoder, threads=threads,
+                                     priority=priority)
 
 
 def one_raw_batch(shards, batch, crop, aug):
@@ -281,9 +287,14 @@ def micro(shards, batch, crop, aug, decoders, reps=10):
     if "hardware" in decoders:  # the crop reading nvImageCodec's interleaved images in place
         hw_images, _ = gpu_data.decode_jpegs(blobs, "cuda", decoder=decoders["hardware"])
         out["augment_hardware_images_ms"] = timed(lambda: augment(hw_images))
+    if "engine" in decoders:  # the same engines as torchvision's nvJPEG: the same pixels
+        eng_images, _ = gpu_data.decode_jpegs(blobs, "cuda", decoder=decoders["engine"])
+        out["engine_vs_nvjpeg_max_abs"] = max(
+            (a.int() - b.int()).abs().max().item() for a, b in zip(eng_images, images))
+        out["augment_engine_images_ms"] = timed(lambda: augment(eng_images))
     # decode from several threads at once (own streams, own decoders): does the decoder serialise?
     import threading
-    makers = {"nvjpeg": gpu_data.torchvision_gpu_decoder, "hardware": gpu_data.hardware_jpeg_decoder}
+    makers = {name: (lambda device, name=name: gpu_data.gpu_decoder(name, device)) for name in decoders}
     for name in decoders:
         for nthreads in (1, 2, 3):
             ready = threading.Barrier(nthreads + 1)
@@ -335,7 +346,11 @@ def parse_args(argv=None):
                    help="sys.setswitchinterval for this process (seconds; Python's default 0.005)")
     p.add_argument("--models", default="alexnetowtbn+compile,alexnetowtbn,resnet50",
                    help="comma list; '+compile' wraps the model in torch.compile")
-    p.add_argument("--paths", default="a,b,c,d,e,f,g", help="comma list of the paths a-g to run")
+    p.add_argument("--engine-fractions", default="0.1",
+                   help="CPU shares for (i), the engine decoder plus CPU workers (default 0.1)")
+    p.add_argument("--priority-ab", action="store_true",
+                   help="also run (d) and (h) with decode streams of normal priority")
+    p.add_argument("--paths", default="a,b,c,d,e,f,g,h,i", help="comma list of the paths a-g to run")
     p.add_argument("--loader-only", action="store_true", help="(b) vs (c) without a model or GPU")
     p.add_argument("--work", type=Path, default=None, help="folder for the generated data (default: a temp dir)")
     p.add_argument("--json", type=Path, default=None, help="also write all figures to this JSON file")
@@ -369,7 +384,7 @@ def main(argv=None) -> int:
         """One measurement; a failure is reported and recorded, the others still run.
         The warm-up is at least the batches the workers can hold ready (workers x prefetch 4), so
         the timed windows measure the steady rate, not a buffer filled while nothing was timed."""
-        workers = {"b": W, "c": W, "e": HW}.get(path[0], args.raw_workers if path[0] in "dfg" else 0)
+        workers = {"b": W, "c": W, "e": HW, "g": HW, "i": HW}.get(path[0], args.raw_workers if path[0] in "dfh" else 0)
         warm = max(args.warmup, 4 * workers + 4)
         try:
             record(model, path, *measure(make_source(), step, warm, args.steps, args.repeats,
@@ -392,6 +407,10 @@ def main(argv=None) -> int:
             decoders["hardware"] = gpu_data.hardware_jpeg_decoder("cuda")
         except RuntimeError as exc:
             print(f"hardware decoder unusable: {exc}", file=sys.stderr)
+        try:
+            decoders["engine"] = gpu_data.gpu_decoder("engine", "cuda")
+        except RuntimeError as exc:
+            print(f"engine decoder unusable: {exc}", file=sys.stderr)
         try:
             m = micro(shards, B, C, args.aug, decoders)
             for name in decoders:
@@ -420,6 +439,26 @@ def main(argv=None) -> int:
             for f in [float(f) for f in args.hardware_fractions.split(",") if f]:
                 sources[f"g hw+cpu {f:.2f}"] = (lambda f=f: gpu_batches(
                     shards, B, HW, C, args.aug, total, f, decoder="hardware", threads=T), None)
+        try:
+            gpu_data.gpu_decoder("engine", "cuda")
+            engine = True
+        except RuntimeError as exc:
+            print(f"engine decoder unusable: {exc}", file=sys.stderr)
+            engine = False
+        if engine:
+            for t in threads:
+                sources[f"h engine t{t}"] = (lambda t=t: gpu_batches(
+                    shards, B, args.raw_workers, C, args.aug, total, decoder="engine", threads=t), None)
+            for f in [float(f) for f in args.engine_fractions.split(",") if f]:
+                sources[f"i engine+cpu {f:.2f}"] = (lambda f=f: gpu_batches(
+                    shards, B, HW, C, args.aug, total, f, decoder="engine", threads=T), None)
+        if args.priority_ab:
+            sources[f"d nvjpeg t{T} p0"] = (lambda: gpu_batches(
+                shards, B, args.raw_workers, C, args.aug, total, threads=T, priority=0), None)
+            if engine:
+                sources[f"h engine t{T} p0"] = (lambda: gpu_batches(
+                    shards, B, args.raw_workers, C, args.aug, total, decoder="engine", threads=T,
+                    priority=0), None)
         chosen = {k: v for k, v in sources.items() if k[0] in paths}
         # the data paths alone (a trivial GPU op per batch)
         for path, (make, to_dev) in chosen.items():

@@ -37,19 +37,20 @@ def rate(fn, n_images, seconds=3.0):
 
 
 def together(fns, seconds=4.0):
-    """Run each (fn, images per call) in its own thread with its own stream; img/s of each."""
+    """Run each (fn, images per call[, stream priority]) in its own thread with its own stream;
+    img/s of each."""
     stop = threading.Event()
     counts = [0] * len(fns)
 
-    def loop(k, fn, n):
-        with torch.cuda.stream(torch.cuda.Stream()):
+    def loop(k, fn, n, priority=0):
+        with torch.cuda.stream(torch.cuda.Stream(priority=priority)):
             fn()
             torch.cuda.current_stream().synchronize()
             while not stop.is_set():
                 fn()
                 counts[k] += n
             torch.cuda.current_stream().synchronize()
-    ths = [threading.Thread(target=loop, args=(k, f, n)) for k, (f, n) in enumerate(fns)]
+    ths = [threading.Thread(target=loop, args=(k, *spec)) for k, spec in enumerate(fns)]
     for t in ths:
         t.start()
     time.sleep(1.0)
@@ -156,6 +157,29 @@ def main():
         res["tv+hw"] = together([(tv, B), (hw, B)])
         dec_hw2 = nv.Decoder(backends=[nv.Backend(nv.BackendKind.HW_GPU_ONLY)])
         res["hw+hw(2 decoders)"] = together([(hw, B), (make(dec_hw2, True), B)])
+    engines = []
+    try:
+        engines = [gd.gpu_decoder("engine", "cuda") for _ in range(2)]
+    except RuntimeError as exc:
+        print("engine decoder unusable:", exc, flush=True)
+    if engines:
+        ref = decode_jpeg(tensors[0], device="cuda")
+        got = engines[0](tensors[0])
+        res["engine_vs_tv_max_abs"] = max((a.int() - b.int()).abs().max().item() for a, b in zip(got, ref))
+        e_it = [0, 0]
+
+        def engine_fn(k):
+            def f():
+                e_it[k] = (e_it[k] + 1) % len(tensors)
+                engines[k](tensors[e_it[k]])
+            return f
+        res["engine_alone"] = rate(engine_fn(0), B)
+        t0 = time.perf_counter()
+        for _ in range(20):
+            engines[0](tensors[0])
+        res["engine_host_ms_per_batch"] = (time.perf_counter() - t0) / 20 * 1e3
+        torch.cuda.synchronize()
+        res["2 engines"] = together([(engine_fn(0), B), (engine_fn(1), B)])
     step = bl.make_step("alexnetowtbn", False)
     x = torch.randn(B, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (B,), device="cuda")
@@ -164,8 +188,14 @@ def main():
         step(x, y)
     res["train_alone"] = together([(train, B)])
     res["train+tv"] = together([(train, B), (tv, B)])
+    if engines:
+        res["train+engine"] = together([(train, B), (engine_fn(0), B)])
+        res["train+engine(high priority)"] = together([(train, B), (engine_fn(0), B, -1)])
+        res["train+2 engines(high priority)"] = together([(train, B), (engine_fn(0), B, -1), (engine_fn(1), B, -1)])
+        res["train+tv(thread stream high priority)"] = together([(train, B), (tv, B, -1)])
     if hw is not None:
         res["train+hw"] = together([(train, B), (hw, B)])
+        res["train+hw(high priority)"] = together([(train, B), (hw, B, -1)])
         res["train+tv+hw"] = together([(train, B), (tv, B), (hw, B)])
     print("\n| probe | img/s |\n|---|---|")
     for k, v in res.items():

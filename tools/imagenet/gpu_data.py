@@ -179,7 +179,7 @@ def hardware_jpeg_decoder(device):
     return decode
 
 
-GPU_DECODERS = ("nvjpeg", "hardware")
+GPU_DECODERS = ("nvjpeg", "hardware", "engine")
 
 
 def gpu_decoder(kind, device):
@@ -192,6 +192,9 @@ def gpu_decoder(kind, device):
         raise ValueError(f"unknown GPU decoder {kind!r}: choose one of {', '.join(GPU_DECODERS)}")
     if kind == "hardware" and torch.device(device).type == "cuda":
         return hardware_jpeg_decoder(device)
+    if kind == "engine" and torch.device(device).type == "cuda":
+        from tools.imagenet.nvjpeg import NvjpegDecoder
+        return NvjpegDecoder(device)
     return torchvision_gpu_decoder(device)
 
 
@@ -663,10 +666,11 @@ class GpuBatchPipeline:
     the hardware engines take several decoders at once) or one callable shared by all threads."""
 
     def __init__(self, batches, augment, device="cuda", prefetch=3, threads=1, decoder="nvjpeg",
-                 on_failure=None):
+                 on_failure=None, priority=-1):
         self.batches, self.augment = batches, augment
         self.device = torch.device(device)
         self.prefetch, self.threads, self.decoder = max(1, prefetch), max(0, threads), decoder
+        self.priority = priority
         self._local = threading.local()
         self.decoder_kind = None
         self.on_failure = on_failure or (lambda key, reason: warnings.warn(f"dropped {key}: {reason}"))
@@ -734,7 +738,7 @@ class GpuBatchPipeline:
         if self.threads:
             yield from self._threaded()
         elif cuda:
-            yield from self._inline(torch.cuda.Stream(self.device))
+            yield from self._inline(self._stream())
         else:
             it = iter(self.batches)
             index = 0
@@ -743,7 +747,9 @@ class GpuBatchPipeline:
                 index += 1
 
     def _stream(self):
-        return torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        if self.device.type != "cuda":
+            return None
+        return torch.cuda.Stream(self.device, priority=self.priority)
 
     def _submit(self, stream, raw, index):
         if stream is None:  # CPU device: nothing to overlap with

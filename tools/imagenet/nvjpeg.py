@@ -1,0 +1,206 @@
+"""Batched JPEG decode on the GPU's hardware JPEG engines through libnvjpeg itself (ctypes).
+
+    from tools.imagenet.nvjpeg import NvjpegDecoder
+    decode = NvjpegDecoder("cuda")                     # one per decode thread
+    with torch.cuda.stream(torch.cuda.Stream(priority=-1)):
+        images = decode(list_of_uint8_cpu_tensors)     # 3 x H x W uint8 views, None = not decodable here
+
+Why not torchvision's decode_jpeg(list, device="cuda"), which drives the same engines (nvJPEG's
+hardware backend on A100/H100/H200): it decodes one batch at a time per process (a global lock), on
+a pool stream of normal priority, and waits on the host for each batch to finish. Beside a training
+step that keeps the SMs busy, every small kernel of that decode queues behind the step's kernels,
+and the decode rate collapses (bench/NOTES-gpu.md, phase 4). Here each decoder has its own nvJPEG
+state, decodes on the caller's stream (the pipeline gives it a high priority, so the decode's
+kernels go first) and returns without waiting for the GPU.
+
+The whole batch lands in one device buffer (planar RGB, image after image); each image is a view of
+it. Images the batched hardware decode does not take (progressive, CMYK, 12-bit, not a JPEG ...)
+come back as None: gpu_data.decode_jpegs decodes those on the CPU.
+"""
+import collections
+import ctypes
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+_BACKEND_DEFAULT, _BACKEND_HARDWARE = 0, 3
+_OUTPUT_RGB = 3
+_STATUS_ARCH_MISMATCH = 8
+_MAX_COMPONENT = 4
+_LIB_NAMES = ("libnvjpeg.so.13", "libnvjpeg.so.12", "libnvjpeg.so.11", "libnvjpeg.so")
+
+
+def _loaded_nvjpeg():
+    """Path of a libnvjpeg this process already has (torchvision's image extension links it)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if "libnvjpeg.so" in os.path.basename(path):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+def _candidates():
+    try:  # loading torchvision's image extension brings in the libnvjpeg it was built against
+        import torchvision.io.image  # noqa: F401
+    except Exception:  # noqa: BLE001
+        pass
+    loaded = _loaded_nvjpeg()
+    if loaded:
+        yield loaded
+    for entry in sys.path:  # the nvidia-* CUDA wheels
+        for sub in ("nvidia/nvjpeg/lib", "nvidia/cu13/lib", "nvidia/cu12/lib"):
+            for name in _LIB_NAMES:
+                path = Path(entry or ".") / sub / name
+                if path.exists():
+                    yield str(path)
+    yield from _LIB_NAMES  # the loader's search path (LD_LIBRARY_PATH, /usr/local/cuda/lib64 ...)
+
+
+def load_library():
+    """(GIL-releasing handle, GIL-keeping handle) to libnvjpeg; raises RuntimeError if none loads.
+
+    Two handles: the batch decode runs with the GIL released (ctypes.CDLL) so that the training
+    loop's Python goes on; the per-image header calls (microseconds) keep it (ctypes.PyDLL), as
+    releasing and retaking the GIL 500 times a batch would queue this thread behind the others."""
+    errors = []
+    for name in _candidates():
+        try:
+            return ctypes.CDLL(name), ctypes.PyDLL(name)
+        except OSError as exc:
+            errors.append(f"{name}: {exc}")
+    raise RuntimeError("libnvjpeg not found (it ships with CUDA and the nvidia-nvjpeg wheels): "
+                       + "; ".join(errors[-3:]))
+
+
+def _declare(lib):
+    p, i, u = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint
+    pp, ip = ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int)
+    sig = {
+        "nvjpegCreateEx": [i, p, p, u, pp],
+        "nvjpegJpegStateCreate": [p, pp],
+        "nvjpegJpegStreamCreate": [p, pp],
+        "nvjpegGetImageInfo": [p, p, ctypes.c_size_t, ip, ip, ip, ip],
+        "nvjpegJpegStreamParseHeader": [p, p, ctypes.c_size_t, p],
+        "nvjpegDecodeBatchedSupported": [p, p, ip],
+        "nvjpegDecodeBatchedInitialize": [p, p, i, i, i],
+        "nvjpegDecodeBatched": [p, p, p, p, p, p],
+        "nvjpegJpegStateDestroy": [p],
+        "nvjpegJpegStreamDestroy": [p],
+        "nvjpegDestroy": [p],
+    }
+    for name, args in sig.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, ctypes.c_int
+
+
+class NvjpegDecoder:
+    """list of uint8 1-D CPU tensors -> list of uint8 3 x H x W views on `device` (None where the
+    batched hardware decode does not take an image). Raises RuntimeError where libnvjpeg or the
+    hardware backend is missing (GPUs without JPEG engines). One per thread: nvJPEG states are not
+    thread-safe. Work goes to the current CUDA stream; nothing waits for it on the host."""
+    kind = "engine"
+
+    def __init__(self, device="cuda"):
+        self.device = torch.device(device)
+        if self.device.type != "cuda":
+            raise RuntimeError("the nvJPEG decoder needs a CUDA device")
+        self._lib, self._fast = load_library()
+        _declare(self._lib)
+        _declare(self._fast)
+        self._handle, self._state, self._stream = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
+        with torch.cuda.device(self.device):
+            status = self._lib.nvjpegCreateEx(_BACKEND_HARDWARE, None, None, 0, ctypes.byref(self._handle))
+            if status == _STATUS_ARCH_MISMATCH:
+                raise RuntimeError(f"{torch.cuda.get_device_name(self.device)} has no hardware JPEG decoder")
+            self._check(status, "nvjpegCreateEx(hardware)")
+            self._check(self._lib.nvjpegJpegStateCreate(self._handle, ctypes.byref(self._state)),
+                        "nvjpegJpegStateCreate")
+            self._check(self._lib.nvjpegJpegStreamCreate(self._handle, ctypes.byref(self._stream)),
+                        "nvjpegJpegStreamCreate")
+        self._batch = None
+        self._info = (ctypes.c_int(), ctypes.c_int(), (ctypes.c_int * _MAX_COMPONENT)(),
+                      (ctypes.c_int * _MAX_COMPONENT)())
+        self._supported = ctypes.c_int()
+        # inputs of batches the GPU may still read (nvJPEG copies them in stream order), with the
+        # event after which they can go
+        self._in_flight = collections.deque()
+
+    @staticmethod
+    def _check(status, what):
+        if status != 0:
+            raise RuntimeError(f"{what} failed: nvjpegStatus {status}")
+
+    def _probe(self, tensor):
+        """(h, w) if the batched hardware decode takes this JPEG, else None."""
+        n, sub, widths, heights = self._info
+        ptr, size = tensor.data_ptr(), tensor.numel()
+        if self._fast.nvjpegGetImageInfo(self._handle, ptr, size, ctypes.byref(n), ctypes.byref(sub),
+                                         widths, heights) != 0:
+            return None
+        if self._fast.nvjpegJpegStreamParseHeader(self._handle, ptr, size, self._stream) != 0:
+            return None
+        if self._fast.nvjpegDecodeBatchedSupported(self._handle, self._stream,
+                                                   ctypes.byref(self._supported)) != 0:
+            return None
+        return (heights[0], widths[0]) if self._supported.value == 0 else None
+
+    def __call__(self, tensors):
+        while self._in_flight and self._in_flight[0][0].query():
+            self._in_flight.popleft()
+        tensors = [t if t.is_contiguous() else t.contiguous() for t in tensors]
+        shapes = [self._probe(t) for t in tensors]
+        take = [i for i, s in enumerate(shapes) if s is not None]
+        images = [None] * len(tensors)
+        if not take:
+            return images
+        hw = np.array([shapes[i] for i in take], dtype=np.int64)
+        planes = hw[:, 0] * hw[:, 1]
+        starts = np.zeros(len(take), dtype=np.int64)
+        starts[1:] = np.cumsum(3 * planes)[:-1]
+        flat = torch.empty(int(3 * planes.sum()), dtype=torch.uint8, device=self.device)
+        # nvjpegImage_t per image: channel pointers [4], then pitches [4] (size_t)
+        table = np.zeros((len(take), 2 * _MAX_COMPONENT), dtype=np.uint64)
+        base = flat.data_ptr()
+        for c in range(3):
+            table[:, c] = base + starts + c * planes
+            table[:, _MAX_COMPONENT + c] = hw[:, 1]
+        data = np.array([tensors[i].data_ptr() for i in take], dtype=np.uint64)
+        lengths = np.array([tensors[i].numel() for i in take], dtype=np.uint64)
+        stream = torch.cuda.current_stream(self.device)
+        if self._batch != len(take):
+            self._check(self._lib.nvjpegDecodeBatchedInitialize(self._handle, self._state, len(take), 1,
+                                                                _OUTPUT_RGB),
+                        "nvjpegDecodeBatchedInitialize")
+            self._batch = len(take)
+        self._check(self._lib.nvjpegDecodeBatched(self._handle, self._state, data.ctypes.data,
+                                                  lengths.ctypes.data, table.ctypes.data,
+                                                  ctypes.c_void_p(stream.cuda_stream)),
+                    "nvjpegDecodeBatched")
+        done = torch.cuda.Event()
+        done.record(stream)
+        self._in_flight.append((done, [tensors[i] for i in take]))
+        for k, i in enumerate(take):
+            h, w = shapes[i]
+            images[i] = flat[starts[k]:starts[k] + 3 * h * w].view(3, h, w)
+        return images
+
+    def __del__(self):
+        lib = getattr(self, "_lib", None)
+        if lib is None:
+            return
+        try:
+            for done, _ in self._in_flight:
+                done.synchronize()
+            for fn, obj in (("nvjpegJpegStreamDestroy", self._stream), ("nvjpegJpegStateDestroy", self._state),
+                            ("nvjpegDestroy", self._handle)):
+                if obj:
+                    getattr(lib, fn)(obj)
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
