@@ -34,6 +34,7 @@ Prints a table (images/s, share of the ceiling) last.
 --loader-only: (b) vs (c) with no model and no GPU.
 """
 import argparse
+import contextlib
 import io
 import json
 import math
@@ -348,6 +349,8 @@ def parse_args(argv=None):
                    help="comma list; '+compile' wraps the model in torch.compile")
     p.add_argument("--engine-fractions", default="0.1",
                    help="CPU shares for (i), the engine decoder plus CPU workers (default 0.1)")
+    p.add_argument("--step-sms", type=int, default=0,
+                   help="run the step on this many SMs (a green context), the rest left to the data path")
     p.add_argument("--priority-ab", action="store_true",
                    help="also run (d) and (h) with decode streams of normal priority")
     p.add_argument("--paths", default="a,b,c,d,e,f,g,h,i", help="comma list of the paths a-g to run")
@@ -400,6 +403,14 @@ def main(argv=None) -> int:
     else:
         card = torch.cuda.get_device_name()
         print(f"card: {card}; torch {torch.__version__}; {W} workers", file=sys.stderr)
+        step_stream = contextlib.nullcontext()
+        if args.step_sms:
+            from tools.imagenet.sm_partition import partitioned_stream
+            stream, got, total_sms = partitioned_stream("cuda", args.step_sms)
+            print(f"step on {got} of {total_sms} SMs", file=sys.stderr)
+            rows.append({"model": "none", "path": f"step SMs {got} of {total_sms}", "share": None,
+                         "windows": [], "images_per_s": float("nan")})
+            step_stream = torch.cuda.stream(stream)
         threads = [int(t) for t in str(args.decode_threads).split(",")]
         T = threads[-1]  # the others: path d only
         decoders = {"nvjpeg": gpu_data.torchvision_gpu_decoder("cuda")}
@@ -475,13 +486,16 @@ def main(argv=None) -> int:
                 step = make_step(arch, opt == "compile")
                 x = torch.randn(B, 3, C, C, device="cuda").to(memory_format=torch.channels_last)
                 y = torch.randint(0, 1000, (B,), device="cuda")
-                ceiling, rates = measure(iter(lambda: (x, y), None), step, *timing)
+                torch.cuda.synchronize()
+                with step_stream:
+                    ceiling, rates = measure(iter(lambda: (x, y), None), step, *timing)
             except Exception as exc:
                 print(f"{spec}: FAILED: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
                 continue
             record(spec, "a synthetic", ceiling, rates, ceiling)
             for path, (make, to_dev) in chosen.items():
-                run(spec, path, make, step, to_dev, ceiling)
+                with step_stream:
+                    run(spec, path, make, step, to_dev, ceiling)
             del step
             torch.cuda.empty_cache()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu only"

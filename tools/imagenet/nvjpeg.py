@@ -171,8 +171,14 @@ class NvjpegDecoder:
         for c in range(3):
             table[:, c] = base + starts + c * planes
             table[:, _MAX_COMPONENT + c] = hw[:, 1]
-        data = np.array([tensors[i].data_ptr() for i in take], dtype=np.uint64)
+        # the bitstreams go to the GPU by DMA from one pinned buffer: from pageable memory the
+        # driver would stage every image's copy through its own buffer, on this thread
         lengths = np.array([tensors[i].numel() for i in take], dtype=np.uint64)
+        staging = torch.empty(int(lengths.sum()), dtype=torch.uint8, pin_memory=True)
+        torch.cat([tensors[i] for i in take], out=staging)
+        data = np.zeros(len(take), dtype=np.uint64)
+        data[1:] = np.cumsum(lengths)[:-1]
+        data += staging.data_ptr()
         stream = torch.cuda.current_stream(self.device)
         if self._batch != len(take):
             self._check(self._lib.nvjpegDecodeBatchedInitialize(self._handle, self._state, len(take), 1,
@@ -185,7 +191,7 @@ class NvjpegDecoder:
                     "nvjpegDecodeBatched")
         done = torch.cuda.Event()
         done.record(stream)
-        self._in_flight.append((done, [tensors[i] for i in take]))
+        self._in_flight.append((done, staging))
         for k, i in enumerate(take):
             h, w = shapes[i]
             images[i] = flat[starts[k]:starts[k] + 3 * h * w].view(3, h, w)
