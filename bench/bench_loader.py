@@ -25,7 +25,7 @@ an ImageFolder tree of them and WebDataset shards (plain tarfile, per the shard 
   (h) engine       as (d) with tools.imagenet.nvjpeg (libnvjpeg's hardware backend called directly:
                    a decoder per thread, no host wait; --gpu-decoder engine)
   (i) engine+cpu   as (h) plus CPU workers (--engine-fractions)
-Decode streams have high priority; --priority-ab adds (d) and (h) on normal-priority streams.
+--priority-ab adds (d) and (h) with decode streams of high priority (the default is normal).
 plus, for the data path alone (no model): stage costs of one batch (decode with each decoder,
 the phase-1 pad + roi_align crop against the in-place crop in torch and Triton), decode
 throughput from 1-3 threads, and (d)/(f) with 1-3 decode threads.
@@ -146,7 +146,7 @@ def cpu_batches(shards, batch, workers, crop, aug, total):
 
 
 def gpu_batches(shards, batch, workers, crop, aug, total, cpu_fraction=0.0, decoder="nvjpeg", threads=1,
-                priority=-1):
+                priority=0):
     """(d)-(g): the project's GPU path, as tools.train --decode gpu [--gpu-decoder] [--cpu-fraction]
     runs it."""
     from tools.imagenet.loader import train_loader
@@ -352,7 +352,7 @@ def parse_args(argv=None):
     p.add_argument("--step-sms", type=int, default=0,
                    help="run the step on this many SMs (a green context), the rest left to the data path")
     p.add_argument("--priority-ab", action="store_true",
-                   help="also run (d) and (h) with decode streams of normal priority")
+                   help="also run (d) and (h) with decode streams of high priority")
     p.add_argument("--paths", default="a,b,c,d,e,f,g,h,i", help="comma list of the paths a-g to run")
     p.add_argument("--loader-only", action="store_true", help="(b) vs (c) without a model or GPU")
     p.add_argument("--work", type=Path, default=None, help="folder for the generated data (default: a temp dir)")
@@ -464,12 +464,12 @@ def main(argv=None) -> int:
                 sources[f"i engine+cpu {f:.2f}"] = (lambda f=f: gpu_batches(
                     shards, B, HW, C, args.aug, total, f, decoder="engine", threads=T), None)
         if args.priority_ab:
-            sources[f"d nvjpeg t{T} p0"] = (lambda: gpu_batches(
-                shards, B, args.raw_workers, C, args.aug, total, threads=T, priority=0), None)
+            sources[f"d nvjpeg t{T} p-1"] = (lambda: gpu_batches(
+                shards, B, args.raw_workers, C, args.aug, total, threads=T, priority=-1), None)
             if engine:
-                sources[f"h engine t{T} p0"] = (lambda: gpu_batches(
+                sources[f"h engine t{T} p-1"] = (lambda: gpu_batches(
                     shards, B, args.raw_workers, C, args.aug, total, decoder="engine", threads=T,
-                    priority=0), None)
+                    priority=-1), None)
         chosen = {k: v for k, v in sources.items() if k[0] in paths}
         # the data paths alone (a trivial GPU op per batch)
         for path, (make, to_dev) in chosen.items():

@@ -68,7 +68,7 @@ def main():
     p.add_argument("--images", type=int, default=12800, help="JPEGs to generate if the folder is empty")
     p.add_argument("--decoder", default="nvjpeg", help="gpu_data decoder: nvjpeg, hardware or engine")
     p.add_argument("--threads", type=int, default=2, help="decode threads")
-    p.add_argument("--priority", type=int, default=-1, help="decode stream priority (-1 high, 0 normal)")
+    p.add_argument("--priority", type=int, default=0, help="decode stream priority (-1 high, 0 normal)")
     p.add_argument("--cpu-fraction", type=float, default=0.0, help="share the workers decode")
     p.add_argument("--workers", type=int, default=4, help="loader workers (raw bytes only, or hybrid)")
     p.add_argument("--arch", default="alexnetowtbn", help="model of the step ('none': no step)")

@@ -305,6 +305,28 @@ def test_hardware_decoder_matches_nvjpeg_and_falls_back():
     assert (a - b).abs().mean() < 2.0  # two JPEG decoders: a level or two apart at most
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_engine_decoder_matches_nvjpeg_and_falls_back():
+    """tools.imagenet.nvjpeg on the GPU's JPEG engines: torchvision's nvJPEG pixels, CMYK / PNG /
+    garbage left to the fallback (or reported), from a list and from a packed batch."""
+    try:
+        engine = gd.gpu_decoder("engine", "cuda")
+    except RuntimeError as exc:
+        pytest.skip(f"no hardware JPEG decoder: {exc}")
+    keys = [f"k{i}" for i in range(5)]
+    blobs = [_encode(k) for k in KINDS]
+    images, failures = gd.decode_jpegs(blobs, "cuda", keys, decoder=engine)
+    _check_decoded([None if im is None else im.cpu() for im in images], failures)
+    photos = [_encode("jpeg", w=64 + 8 * i, h=48 + 4 * i, color=(20 * i, 120, 200 - 10 * i)) for i in range(6)]
+    ref, _ = gd.decode_jpegs(photos, "cuda")
+    got, _ = gd.decode_jpegs(photos, "cuda", decoder=engine)
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+    data, offsets = gd.pack_jpegs(photos + blobs)
+    batch, failures = gd.decode_packed(data, offsets.numpy(), [f"p{i}" for i in range(11)], "cuda", engine)
+    assert batch.index.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 10] and [k for k, _ in failures] == ["p9"]
+    assert all(torch.equal(a, b) for a, b in zip(ref, batch.images()[:6]))
+
+
 def test_pipeline_drops_and_reports_bad_images_keeping_labels_aligned():
     colors = [(250, 10, 10), (10, 250, 10), (10, 10, 250), (0, 0, 0), (128, 128, 128)]
     blobs = [_encode(k, w=80, h=72, color=c) for k, c in zip(KINDS, colors)]
@@ -320,6 +342,55 @@ def test_pipeline_drops_and_reports_bad_images_keeping_labels_aligned():
     assert pipe.stats["batches"] == 1 and pipe.stats["decode_s"] > 0
     dominant = x.float().mean((2, 3)).argmax(1).tolist()
     assert dominant[:3] == [0, 1, 2]  # red, green, blue images kept with their labels
+
+
+class PackedPil:
+    """A decoder with decode_packed, like tools.imagenet.nvjpeg.NvjpegDecoder, on the CPU: takes
+    baseline RGB JPEGs (into one planar buffer), leaves the others (None) to the fallback."""
+    calls = 0
+
+    def decode_packed(self, data, offsets):
+        PackedPil.calls += 1
+        images = []
+        for i in range(len(offsets) - 1):
+            blob = data[int(offsets[i]):int(offsets[i + 1])].numpy().tobytes()
+            ok = blob[:2] == b"\xff\xd8" and Image.open(io.BytesIO(blob)).mode == "RGB"
+            images.append(gd.pil_decode(blob) if ok else None)
+        ok = np.array([im is not None for im in images])
+        sizes = np.array([im.shape[1:] if im is not None else (0, 0) for im in images], dtype=np.int64)
+        planes = 3 * sizes[:, 0] * sizes[:, 1]
+        starts = np.concatenate([[0], np.cumsum(planes)[:-1]]).astype(np.int64)
+        flat = torch.cat([im.reshape(-1) for im in images if im is not None]) if ok.any() else None
+        return flat, ok, sizes, starts
+
+
+def test_packed_decode_matches_the_list_path_and_reports_the_same():
+    """A decoder with decode_packed (the engine decoder's interface: one buffer in, one out) gives
+    the per-image path's crops, labels and failure reports; the images it leaves go to the CPU."""
+    colors = [(250, 10, 10), (10, 250, 10), (10, 10, 250), (0, 0, 0), (128, 128, 128)]
+    blobs = [_encode(k, w=80 + 8 * i, h=72, color=c) for i, (k, c) in enumerate(zip(KINDS, colors))]
+    data, offsets = gd.pack_jpegs(blobs)
+    raws = [{"data": data, "offsets": offsets.numpy(), "labels": np.arange(5) + 10 * b,
+             "keys": [f"k{i}" for i in range(5)]} for b in range(3)]
+    outs, seen = {}, {}
+    for name, decoder in (("list", None), ("packed", PackedPil())):
+        seen[name] = []
+        aug = gd.GpuAugment(64, mode="rrc", seed=7, mean=[0.5] * 3, std=[0.25] * 3)
+        pipe = gd.GpuBatchPipeline(raws, aug, device="cpu", decoder=decoder, threads=2,
+                                   on_failure=lambda k, r, name=name: seen[name].append(k))
+        outs[name] = list(pipe)
+    assert PackedPil.calls == 3
+    assert seen["list"] == seen["packed"] == ["k3"] * 3
+    for (xa, ya), (xb, yb) in zip(outs["list"], outs["packed"]):
+        assert torch.equal(ya, yb) and ya.tolist()[1:] == [1 + ya[0].item(), 2 + ya[0].item(), 4 + ya[0].item()]
+        assert torch.equal(xa, xb)
+    # the DecodedBatch itself: rows point into the buffer, fallback images kept apart
+    batch, failures = gd.decode_packed(data, offsets.numpy(), [f"k{i}" for i in range(5)], "cpu", PackedPil())
+    assert batch.index.tolist() == [0, 1, 2, 4] and [k for k, _ in failures] == ["k3"]
+    assert sorted(batch.extra) == [1, 2, 4]  # CMYK, PNG, grayscale: not the packed decoder's
+    assert batch.rows[0, 0] == batch.flat.data_ptr() and batch.rows[:, 1:3].tolist() == [[72, 80], [72, 88], [72, 96], [72, 112]]
+    for image, row in zip(batch.images(), batch.rows):
+        assert image.data_ptr() == row[0] and tuple(image.shape[1:]) == tuple(row[1:3])
 
 
 def test_pipeline_hybrid_part_is_normalised_and_appended():
@@ -356,6 +427,7 @@ def test_cuda_pipeline_matches_cpu(threads):
 # ------------------------------------------------------------------------------ crop kernel, threads
 
 TRITON_CHECK = """
+import numpy as np
 import torch
 from tools.imagenet import gpu_data as gd
 g = torch.Generator().manual_seed(0)
@@ -388,6 +460,14 @@ if dev == "cpu":  # DeviceImage over a decoder-owned buffer (here host memory th
     owned = [gd.DeviceImage(Owner(t), torch.device("cpu")) for t in hwc]
     assert [o.shape for o in owned] == [tuple(im.shape) for im in images]
     assert torch.equal(planar, gd.crop_batch(owned, boxes, 48, backend="triton"))
+# a DecodedBatch (one buffer, a row of pointer and strides per image, one image apart) is read in place
+flat = torch.cat([im.reshape(-1) for im in images[:4]])
+starts = np.concatenate([[0], np.cumsum([im.numel() for im in images[:3]])]).astype(np.int64)
+rows = np.array([[flat.data_ptr() + s, h, w, w, 1, h * w] for s, (h, w) in zip(starts, [im.shape[1:] for im in images[:4]])]
+                + [gd._row(images[4])], dtype=np.int64)
+batch = gd.DecodedBatch(rows, np.arange(5), images[0].device, flat, starts, {4: images[4]})
+assert torch.equal(planar, gd.crop_batch(batch, boxes, 48, backend="triton"))
+assert torch.equal(gd.crop_batch(images, boxes, 48, backend="torch"), gd.crop_batch(batch, boxes, 48, backend="torch"))
 print("ok")
 """
 

@@ -253,6 +253,64 @@ def decode_jpegs(blobs, device, keys=None, decoder=None):
     return images, failures
 
 
+class DecodedBatch:
+    """A batch decoded into one device buffer (a decoder's decode_packed) plus the images decoded
+    on the CPU instead: per kept image a row of `rows` (int64: data pointer, h, w, and the element
+    strides of a row, a pixel and a channel), which is all the crop kernel reads; `index` the
+    positions of the kept images in the raw batch. Holds the memory until it is dropped."""
+
+    def __init__(self, rows, index, device, flat=None, starts=None, extra=None):
+        self.rows, self.index, self.device = rows, index, device
+        self.flat, self.starts, self.extra = flat, starts, extra or {}
+
+    def __len__(self):
+        return len(self.rows)
+
+    def sizes(self):
+        return torch.from_numpy(self.rows[:, 1:3].copy())
+
+    def images(self):
+        """The images as 3 x H x W tensors (views of the buffer), for the crop's torch version."""
+        out = []
+        for i, (h, w) in zip(self.index.tolist(), self.rows[:, 1:3].tolist()):
+            if i in self.extra:
+                out.append(self.extra[i])
+            else:
+                start = int(self.starts[i])
+                out.append(self.flat[start:start + 3 * h * w].view(3, h, w))
+        return out
+
+
+def _row(image):
+    cs, rs, ps = image.stride()
+    return (image.data_ptr(), image.shape[-2], image.shape[-1], rs, ps, cs)
+
+
+def decode_packed(data, offsets, keys, device, decoder):
+    """A packed batch (see pack_jpegs) through a decoder's decode_packed (tools.imagenet.nvjpeg),
+    the images it does not take through the CPU fallback (PIL by content). Returns
+    (DecodedBatch, failures): failures lists (key, reason) of what nothing decodes."""
+    device = torch.device(device)
+    offsets = np.asarray(offsets, dtype=np.int64)
+    flat, ok, sizes, starts = decoder.decode_packed(data, offsets)
+    n = len(ok)
+    rows = np.zeros((n, 6), dtype=np.int64)
+    if flat is not None:
+        h, w = sizes[ok, 0], sizes[ok, 1]
+        rows[ok] = np.stack([flat.data_ptr() + starts[ok], h, w, w, np.ones_like(w), h * w], 1)
+    kept, extra, failures = ok.copy(), {}, []
+    for i in np.flatnonzero(~ok).tolist():
+        try:
+            image = _cpu_decode(data[int(offsets[i]):int(offsets[i + 1])]).to(device, non_blocking=True)
+        except Exception as exc:
+            failures.append((keys[i], f"cannot decode: {type(exc).__name__}: {exc}"))
+            continue
+        extra[i] = image
+        rows[i] = _row(image)
+        kept[i] = True
+    return DecodedBatch(rows[kept], np.flatnonzero(kept), device, flat, starts, extra), failures
+
+
 # ---------------------------------------------------------------------------------------- geometry
 # Boxes are float64 (N, 4) = x1, y1, x2, y2 in source pixel edges (pixel j covers [j, j+1)).
 
@@ -501,19 +559,20 @@ if triton is not None:
 def image_table(images, grid):
     """int64 (N, 8) per image: data pointer, h, w, samples per bin sy, sx, and the element
     strides of a row, a pixel and a channel. Any 3 x H x W uint8 layout works in place: torch's
-    planar decodes, nvImageCodec's interleaved ones (DeviceImage), strided views."""
-    rows = []
-    for im, (sy, sx) in zip(images, grid.tolist()):
-        cs, rs, ps = im.stride()
-        rows.append((im.data_ptr(), im.shape[-2], im.shape[-1], sy, sx, rs, ps, cs))
-    return torch.tensor(rows, dtype=torch.int64)
+    planar decodes, nvImageCodec's interleaved ones (DeviceImage), strided views, and a
+    DecodedBatch's rows."""
+    if isinstance(images, DecodedBatch):
+        rows = images.rows
+    else:
+        rows = np.array([_row(im) for im in images], dtype=np.int64).reshape(-1, 6)
+    return torch.from_numpy(np.concatenate([rows[:, :3], grid.numpy().astype(np.int64), rows[:, 3:]], 1))
 
 
 def crop_triton(images, prm, grid, crop, scale, shift, out_dtype, block=256):
     """The same function as crop_flat_torch in one Triton kernel that reads every image where it
     lies (CUDA, or TRITON_INTERPRET=1 on the CPU). The small tables go to the device through
     pinned memory without a host sync."""
-    device = images[0].device
+    device = images.device if isinstance(images, DecodedBatch) else images[0].device
     n = len(images)
 
     def dev(t):
@@ -553,18 +612,21 @@ def crop_batch(images, boxes, crop, mean=None, std=None, dtype=torch.float32, ch
                backend="auto"):
     """Crop/resize/flip every image to crop x crop and normalise, reading the images in place.
 
-    boxes: float (N, 4) x1, y1, x2, y2 (x1 > x2 = mirrored). mean/std (0..1 per channel) given:
+    images: a list of 3 x H x W uint8 images or a DecodedBatch. boxes: float (N, 4) x1, y1, x2, y2
+    (x1 > x2 = mirrored). mean/std (0..1 per channel) given:
     returns (x/255 - mean)/std in `dtype`; else rounded uint8. backend: "triton" (one kernel),
     "torch" (dense resampling matrices, any device) or "auto" (triton on CUDA where importable)."""
-    if not images:
+    if not len(images):
         raise ValueError("crop_batch: empty batch")
     prm, grid = sample_params(boxes, crop)
     scale, shift = _norm_consts(mean, std)
     out_dtype = torch.uint8 if mean is None else dtype
-    cuda = images[0].device.type == "cuda"
+    packed = isinstance(images, DecodedBatch)
+    cuda = (images.device if packed else images[0].device).type == "cuda"
     if backend == "triton" or (backend == "auto" and triton is not None and cuda):
         out = crop_triton(images, prm, grid, crop, scale, shift, out_dtype)
     else:
+        images = images.images() if packed else images
         flat, offsets, sizes = flatten_images([as_torch(im) for im in images])
         out = crop_flat_torch(flat, offsets, sizes, prm, grid, crop, scale, shift, out_dtype)
     return out if channels_last else out.contiguous()
@@ -617,7 +679,9 @@ class GpuAugment:
         return boxes
 
     def __call__(self, images, index=None):
-        boxes = self.boxes([tuple(im.shape[-2:]) for im in images], index)
+        """images: a list of 3 x H x W uint8 images or a DecodedBatch."""
+        sizes = images.sizes() if isinstance(images, DecodedBatch) else [tuple(im.shape[-2:]) for im in images]
+        boxes = self.boxes(sizes, index)
         return crop_batch(images, boxes, self.crop_size, self.mean, self.std, self.dtype,
                           self.channels_last, self.backend)
 
@@ -662,11 +726,13 @@ class GpuBatchPipeline:
     batch i+1 is queued on one side stream before batch i is handed out, all in the caller's
     thread. On a CPU device the same runs without streams (threads=0: all in the caller's thread).
 
-    decoder: a name for gpu_decoder ("nvjpeg", "hardware"; each thread makes its own, as
-    the hardware engines take several decoders at once) or one callable shared by all threads."""
+    decoder: a name for gpu_decoder ("nvjpeg", "hardware", "engine"; each thread makes its own,
+    as the hardware engines take several decoders at once) or one decoder shared by all threads
+    (a callable on a list of images, or an object with decode_packed).
+    priority: of the decode streams (-1: high, 0: normal)."""
 
     def __init__(self, batches, augment, device="cuda", prefetch=3, threads=1, decoder="nvjpeg",
-                 on_failure=None, priority=-1):
+                 on_failure=None, priority=0):
         self.batches, self.augment = batches, augment
         self.device = torch.device(device)
         self.prefetch, self.threads, self.decoder = max(1, prefetch), max(0, threads), decoder
@@ -691,9 +757,14 @@ class GpuBatchPipeline:
             for k, v in seconds.items():
                 self.stats[k] += v
 
+    def _report(self, failures):
+        with self._lock:
+            for key, reason in failures:
+                self.on_failure(key, reason)
+
     def thread_decoder(self):
         """This thread's decoder (made on first use; None: decode_jpegs' default)."""
-        if self.decoder is None or callable(self.decoder):
+        if not isinstance(self.decoder, str):  # None, or one decoder object shared by all threads
             return self.decoder
         if self.device.type != "cuda":
             return None
@@ -704,14 +775,26 @@ class GpuBatchPipeline:
 
     def process(self, raw, index=None):
         """One raw batch -> (x, y) on the device, in the current stream."""
-        blobs, labels, keys, pre, pre_labels = _fields(raw)
         parts_x, parts_y = [], []
         t0 = t1 = time.perf_counter()
+        decoder = self.thread_decoder()
+        if hasattr(decoder, "decode_packed") and isinstance(raw, dict) and "data" in raw:
+            # one buffer in, one out: a few operations per batch instead of a few per image
+            labels = torch.as_tensor(raw["labels"], dtype=torch.int64)
+            keys = raw.get("keys") or [str(i) for i in range(len(labels))]
+            pre, pre_labels = raw.get("pre"), raw.get("pre_labels")
+            batch, failures = decode_packed(raw["data"], raw["offsets"], keys, self.device, decoder)
+            self._report(failures)
+            t1 = time.perf_counter()
+            if len(batch):
+                parts_x.append(self.augment(batch, index))
+                parts_y.append(labels[torch.from_numpy(batch.index)] if len(batch) < len(labels) else labels)
+            blobs = []
+        else:
+            blobs, labels, keys, pre, pre_labels = _fields(raw)
         if blobs:
-            images, failures = decode_jpegs(blobs, self.device, keys, self.thread_decoder())
-            with self._lock:
-                for key, reason in failures:
-                    self.on_failure(key, reason)
+            images, failures = decode_jpegs(blobs, self.device, keys, decoder)
+            self._report(failures)
             keep = [i for i, im in enumerate(images) if im is not None]
             t1 = time.perf_counter()
             if keep:

@@ -2,16 +2,16 @@
 
     from tools.imagenet.nvjpeg import NvjpegDecoder
     decode = NvjpegDecoder("cuda")                     # one per decode thread
-    with torch.cuda.stream(torch.cuda.Stream(priority=-1)):
-        images = decode(list_of_uint8_cpu_tensors)     # 3 x H x W uint8 views, None = not decodable here
+    images = decode(list_of_uint8_cpu_tensors)         # 3 x H x W uint8 views, None = not decodable here
+    flat, ok, sizes, starts = decode.decode_packed(data, offsets)   # the same from a packed batch
 
 Why not torchvision's decode_jpeg(list, device="cuda"), which drives the same engines (nvJPEG's
 hardware backend on A100/H100/H200): it decodes one batch at a time per process (a global lock), on
-a pool stream of normal priority, and waits on the host for each batch to finish. Beside a training
-step that keeps the SMs busy, every small kernel of that decode queues behind the step's kernels,
-and the decode rate collapses (bench/NOTES-gpu.md, phase 4). Here each decoder has its own nvJPEG
-state, decodes on the caller's stream (the pipeline gives it a high priority, so the decode's
-kernels go first) and returns without waiting for the GPU.
+its own stream, and waits on the host for each batch to finish; and a list of tensors in and out
+costs a few Python-level operations per image, each of which gives up the GIL and waits to get it
+back from the training loop (bench/NOTES-gpu.md, phase 4). Here each decoder has its own nvJPEG
+state, takes a packed batch (one buffer, offsets) and returns one buffer plus numpy arrays, decodes
+on the caller's stream and returns without waiting for the GPU.
 
 The whole batch lands in one device buffer (planar RGB, image after image); each image is a view of
 it. Images the batched hardware decode does not take (progressive, CMYK, 12-bit, not a JPEG ...)
@@ -137,65 +137,78 @@ class NvjpegDecoder:
         if status != 0:
             raise RuntimeError(f"{what} failed: nvjpegStatus {status}")
 
-    def _probe(self, tensor):
-        """(h, w) if the batched hardware decode takes this JPEG, else None."""
+    def _probe(self, ptr, size):
+        """(h, w) if the batched hardware decode takes the JPEG at host address ptr, else (0, 0)."""
         n, sub, widths, heights = self._info
-        ptr, size = tensor.data_ptr(), tensor.numel()
         if self._fast.nvjpegGetImageInfo(self._handle, ptr, size, ctypes.byref(n), ctypes.byref(sub),
                                          widths, heights) != 0:
-            return None
+            return 0, 0
         if self._fast.nvjpegJpegStreamParseHeader(self._handle, ptr, size, self._stream) != 0:
-            return None
+            return 0, 0
         if self._fast.nvjpegDecodeBatchedSupported(self._handle, self._stream,
                                                    ctypes.byref(self._supported)) != 0:
-            return None
-        return (heights[0], widths[0]) if self._supported.value == 0 else None
+            return 0, 0
+        return (heights[0], widths[0]) if self._supported.value == 0 else (0, 0)
 
-    def __call__(self, tensors):
+    def decode_packed(self, data, offsets):
+        """A packed batch (uint8 1-D CPU tensor, N+1 byte offsets; see gpu_data.pack_jpegs) ->
+        (flat, ok, sizes, starts): flat a uint8 device buffer holding the decoded images as planar
+        RGB one after another (None if none decoded), ok a bool array of the images decoded,
+        sizes int64 (N, 2) h, w (0 where not), starts the element offset of each image in flat.
+        A few operations per batch, whatever its size: the GIL is what the other threads of the
+        pipeline and the training loop wait for."""
         while self._in_flight and self._in_flight[0][0].query():
             self._in_flight.popleft()
-        tensors = [t if t.is_contiguous() else t.contiguous() for t in tensors]
-        shapes = [self._probe(t) for t in tensors]
-        take = [i for i, s in enumerate(shapes) if s is not None]
-        images = [None] * len(tensors)
-        if not take:
-            return images
-        hw = np.array([shapes[i] for i in take], dtype=np.int64)
-        planes = hw[:, 0] * hw[:, 1]
-        starts = np.zeros(len(take), dtype=np.int64)
+        data = data if data.is_contiguous() else data.contiguous()
+        offsets = np.asarray(offsets, dtype=np.int64)
+        n = len(offsets) - 1
+        lengths = np.diff(offsets)
+        base = data.data_ptr()
+        sizes = np.array([self._probe(base + int(o), int(s)) for o, s in zip(offsets[:-1], lengths)],
+                         dtype=np.int64).reshape(n, 2)
+        ok = sizes[:, 0] > 0
+        planes = sizes[:, 0] * sizes[:, 1]
+        starts = np.zeros(n, dtype=np.int64)
         starts[1:] = np.cumsum(3 * planes)[:-1]
-        flat = torch.empty(int(3 * planes.sum()), dtype=torch.uint8, device=self.device)
-        # nvjpegImage_t per image: channel pointers [4], then pitches [4] (size_t)
-        table = np.zeros((len(take), 2 * _MAX_COMPONENT), dtype=np.uint64)
-        base = flat.data_ptr()
-        for c in range(3):
-            table[:, c] = base + starts + c * planes
-            table[:, _MAX_COMPONENT + c] = hw[:, 1]
+        if not ok.any():
+            return None, ok, sizes, starts
         # the bitstreams go to the GPU by DMA from one pinned buffer: from pageable memory the
         # driver would stage every image's copy through its own buffer, on this thread
-        lengths = np.array([tensors[i].numel() for i in take], dtype=np.uint64)
-        staging = torch.empty(int(lengths.sum()), dtype=torch.uint8, pin_memory=True)
-        torch.cat([tensors[i] for i in take], out=staging)
-        data = np.zeros(len(take), dtype=np.uint64)
-        data[1:] = np.cumsum(lengths)[:-1]
-        data += staging.data_ptr()
+        first, last = int(offsets[0]), int(offsets[-1])
+        staging = torch.empty(last - first, dtype=torch.uint8, pin_memory=True)
+        staging.copy_(data[first:last])
+        flat = torch.empty(int(3 * planes.sum()), dtype=torch.uint8, device=self.device)
+        take = np.flatnonzero(ok)
+        # nvjpegImage_t per image: channel pointers [4], then pitches [4] (size_t)
+        table = np.zeros((len(take), 2 * _MAX_COMPONENT), dtype=np.uint64)
+        for c in range(3):
+            table[:, c] = flat.data_ptr() + starts[take] + c * planes[take]
+            table[:, _MAX_COMPONENT + c] = sizes[take, 1]
+        sources = (staging.data_ptr() + offsets[take] - first).astype(np.uint64)
+        source_lengths = lengths[take].astype(np.uint64)
         stream = torch.cuda.current_stream(self.device)
         if self._batch != len(take):
             self._check(self._lib.nvjpegDecodeBatchedInitialize(self._handle, self._state, len(take), 1,
                                                                 _OUTPUT_RGB),
                         "nvjpegDecodeBatchedInitialize")
             self._batch = len(take)
-        self._check(self._lib.nvjpegDecodeBatched(self._handle, self._state, data.ctypes.data,
-                                                  lengths.ctypes.data, table.ctypes.data,
+        self._check(self._lib.nvjpegDecodeBatched(self._handle, self._state, sources.ctypes.data,
+                                                  source_lengths.ctypes.data, table.ctypes.data,
                                                   ctypes.c_void_p(stream.cuda_stream)),
                     "nvjpegDecodeBatched")
         done = torch.cuda.Event()
         done.record(stream)
         self._in_flight.append((done, staging))
-        for k, i in enumerate(take):
-            h, w = shapes[i]
-            images[i] = flat[starts[k]:starts[k] + 3 * h * w].view(3, h, w)
-        return images
+        return flat, ok, sizes, starts
+
+    def __call__(self, tensors):
+        tensors = [t if t.is_contiguous() else t.contiguous() for t in tensors]
+        offsets = np.zeros(len(tensors) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([t.numel() for t in tensors])
+        data = torch.cat(tensors) if tensors else torch.empty(0, dtype=torch.uint8)
+        flat, ok, sizes, starts = self.decode_packed(data, offsets)
+        return [flat[starts[i]:starts[i] + 3 * h * w].view(3, h, w) if ok[i] else None
+                for i, (h, w) in enumerate(sizes.tolist())]
 
     def __del__(self):
         lib = getattr(self, "_lib", None)
