@@ -475,7 +475,7 @@ print("ok")
 def test_triton_crop_kernel_matches_torch_version():
     pytest.importorskip("triton")
     # the real kernel on a GPU; Triton's interpreter (numpy) on the CPU
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     if not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True,

@@ -1,0 +1,111 @@
+"""Probe: the engine decoder (tools.imagenet.nvjpeg) alone, in several threads, and beside a
+training step, with its host time split into header probes, the pinned copy and the decode call.
+
+    python bench/probe_engine.py --images 5120          # GPU machine, under a minute
+
+Answers whether the decode call slows down beside the step (the GPU: nvJPEG waits on its own work
+per image) or the Python around it does (the GIL).
+"""
+import argparse
+import sys
+import tempfile
+import threading
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import bench_loader as bl  # noqa: E402
+from tools.imagenet import gpu_data as gd  # noqa: E402
+from tools.imagenet.nvjpeg import NvjpegDecoder  # noqa: E402
+
+
+def run(batches, n_threads, seconds, step=None, crop=None):
+    """n_threads decode threads (own decoder and stream) for `seconds`, optionally beside a thread
+    running `step` flat out: (decode img/s, step img/s, ms per batch per part)."""
+    stop = threading.Event()
+    decoders = [NvjpegDecoder("cuda") for _ in range(n_threads)]
+    counts = [0] * (n_threads + 1)
+
+    def decode(k):
+        with torch.cuda.stream(torch.cuda.Stream()):
+            j = k
+            while not stop.is_set():
+                data, offsets = batches[j % len(batches)]
+                out = gd.decode_packed(data, offsets, [""] * (len(offsets) - 1), "cuda", decoders[k])[0]
+                if crop is not None:
+                    crop(out, j)
+                counts[k] += len(offsets) - 1
+                j += n_threads
+            torch.cuda.current_stream().synchronize()
+
+    def train():
+        with torch.cuda.stream(torch.cuda.Stream()):
+            while not stop.is_set():
+                step()
+                counts[-1] += 256
+            torch.cuda.current_stream().synchronize()
+    threads = [threading.Thread(target=decode, args=(k,)) for k in range(n_threads)]
+    if step is not None:
+        threads.append(threading.Thread(target=train))
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    start = list(counts)
+    for d in decoders:
+        d.seconds = dict.fromkeys(d.seconds, 0.0)
+    t0 = time.perf_counter()
+    time.sleep(seconds)
+    end = list(counts)
+    parts = {k: sum(d.seconds[k] for d in decoders) for k in ("probe", "copy", "decode")}
+    n = sum(d.seconds["batches"] for d in decoders)
+    dt = time.perf_counter() - t0
+    stop.set()
+    for t in threads:
+        t.join()
+    rates = [(e - s) / dt for s, e in zip(start, end)]
+    return (sum(rates[:n_threads]), rates[-1] if step else 0.0,
+            {k: round(v / max(n, 1) * 1000, 2) for k, v in parts.items()})
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--images", type=int, default=5120)
+    p.add_argument("--seconds", type=float, default=3.0)
+    args = p.parse_args()
+    work = Path(tempfile.mkdtemp())
+    wnids = [f"n{k:08d}" for k in range(10)]
+    for split in ("train", "val"):
+        for w in wnids:
+            (work / split / w).mkdir(parents=True, exist_ok=True)
+    with Pool(16) as pool:
+        pool.map(bl._make_image, [(i, 10, work, wnids) for i in range(args.images)], chunksize=16)
+    blobs = [f.read_bytes() for f in sorted(work.rglob("*.JPEG"))]
+    batches = []
+    for i in range(0, len(blobs) - 255, 256):
+        data, offsets = gd.pack_jpegs(blobs[i:i + 256])
+        batches.append((data, offsets.numpy()))
+    print(f"{len(blobs)} JPEGs, {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    step = bl.make_step("alexnetowtbn", False)
+    x = torch.randn(256, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (256,), device="cuda")
+    aug = gd.GpuAugment(224, mode="rrc", mean=bl.MEAN, std=bl.STD, dtype=torch.bfloat16)
+    rows = []
+    for threads in (1, 2, 3, 4):
+        rows.append((f"decode x{threads}", *run(batches, threads, args.seconds)))
+    rows.append(("decode+crop x3", *run(batches, 3, args.seconds, crop=aug)))
+    rows.append(("step alone", 0.0, run(batches, 0, args.seconds, step=lambda: step(x, y))[1], {}))
+    for threads in (1, 3):
+        rows.append((f"step + decode x{threads}", *run(batches, threads, args.seconds, step=lambda: step(x, y))))
+    rows.append(("step + decode+crop x3", *run(batches, 3, args.seconds, step=lambda: step(x, y), crop=aug)))
+    print("\n| run | decode img/s | step img/s | host ms per batch: probe / copy / decode call |\n|---|---|---|---|")
+    for name, dec, st, parts in rows:
+        split = " / ".join(str(parts.get(k, "-")) for k in ("probe", "copy", "decode"))
+        print(f"| {name} | {dec:.0f} | {st:.0f} | {split} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
