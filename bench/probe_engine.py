@@ -7,6 +7,7 @@ Answers whether the decode call slows down beside the step (the GPU: nvJPEG wait
 per image) or the Python around it does (the GIL).
 """
 import argparse
+import faulthandler
 import sys
 import tempfile
 import threading
@@ -31,12 +32,17 @@ def run(batches, n_threads, seconds, step=None, crop=None):
 
     def decode(k):
         with torch.cuda.stream(torch.cuda.Stream()):
-            j = k
+            j, pending = k, []
             while not stop.is_set():
                 data, offsets = batches[j % len(batches)]
                 out = gd.decode_packed(data, offsets, [""] * (len(offsets) - 1), "cuda", decoders[k])[0]
                 if crop is not None:
                     crop(out, j)
+                # at most two batches ahead of the GPU, as the pipeline's slots allow
+                pending.append(torch.cuda.Event())
+                pending[-1].record()
+                if len(pending) > 2:
+                    pending.pop(0).synchronize()
                 counts[k] += len(offsets) - 1
                 j += n_threads
             torch.cuda.current_stream().synchronize()
@@ -46,6 +52,8 @@ def run(batches, n_threads, seconds, step=None, crop=None):
             while not stop.is_set():
                 step()
                 counts[-1] += 256
+                if counts[-1] % 2560 == 0:  # a bounded queue, as a training loop has
+                    torch.cuda.current_stream().synchronize()
             torch.cuda.current_stream().synchronize()
     threads = [threading.Thread(target=decode, args=(k,)) for k in range(n_threads)]
     if step is not None:
@@ -92,14 +100,19 @@ def main():
     x = torch.randn(256, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (256,), device="cuda")
     aug = gd.GpuAugment(224, mode="rrc", mean=bl.MEAN, std=bl.STD, dtype=torch.bfloat16)
+    faulthandler.dump_traceback_later(args.seconds * 20, exit=True)
     rows = []
+
+    def row(name, *result):
+        rows.append((name, *result))
+        print(name, result, flush=True)
     for threads in (1, 2, 3, 4):
-        rows.append((f"decode x{threads}", *run(batches, threads, args.seconds)))
-    rows.append(("decode+crop x3", *run(batches, 3, args.seconds, crop=aug)))
-    rows.append(("step alone", 0.0, run(batches, 0, args.seconds, step=lambda: step(x, y))[1], {}))
+        row(f"decode x{threads}", *run(batches, threads, args.seconds))
+    row("decode+crop x3", *run(batches, 3, args.seconds, crop=aug))
+    row("step alone", 0.0, run(batches, 0, args.seconds, step=lambda: step(x, y))[1], {})
     for threads in (1, 3):
-        rows.append((f"step + decode x{threads}", *run(batches, threads, args.seconds, step=lambda: step(x, y))))
-    rows.append(("step + decode+crop x3", *run(batches, 3, args.seconds, step=lambda: step(x, y), crop=aug)))
+        row(f"step + decode x{threads}", *run(batches, threads, args.seconds, step=lambda: step(x, y)))
+    row("step + decode+crop x3", *run(batches, 3, args.seconds, step=lambda: step(x, y), crop=aug))
     print("\n| run | decode img/s | step img/s | host ms per batch: probe / copy / decode call |\n|---|---|---|---|")
     for name, dec, st, parts in rows:
         split = " / ".join(str(parts.get(k, "-")) for k in ("probe", "copy", "decode"))
