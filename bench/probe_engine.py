@@ -23,6 +23,9 @@ from tools.imagenet import gpu_data as gd  # noqa: E402
 from tools.imagenet.nvjpeg import NvjpegDecoder  # noqa: E402
 
 
+STEP_STREAM = []  # set by --step-sms: the step's stream on part of the SMs
+
+
 def run(batches, n_threads, seconds, step=None, crop=None):
     """n_threads decode threads (own decoder and stream) for `seconds`, optionally beside a thread
     running `step` flat out: (decode img/s, step img/s, ms per batch per part)."""
@@ -48,7 +51,7 @@ def run(batches, n_threads, seconds, step=None, crop=None):
             torch.cuda.current_stream().synchronize()
 
     def train():
-        with torch.cuda.stream(torch.cuda.Stream()):
+        with torch.cuda.stream(STEP_STREAM[0] if STEP_STREAM else torch.cuda.Stream()):
             while not stop.is_set():
                 step()
                 counts[-1] += 256
@@ -82,7 +85,14 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--images", type=int, default=5120)
     p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--step-sms", type=int, default=0, help="run the step on this many SMs (green context)")
+    p.add_argument("--threads", default="1,3", help="decode threads beside the step")
     args = p.parse_args()
+    if args.step_sms:
+        from tools.imagenet.sm_partition import partitioned_stream
+        stream, got, total = partitioned_stream("cuda", args.step_sms)
+        STEP_STREAM.append(stream)
+        print(f"step on {got} of {total} SMs", flush=True)
     work = Path(tempfile.mkdtemp())
     wnids = [f"n{k:08d}" for k in range(10)]
     for split in ("train", "val"):
@@ -106,11 +116,12 @@ def main():
     def row(name, *result):
         rows.append((name, *result))
         print(name, result, flush=True)
-    for threads in (1, 2, 3, 4):
+    beside = [int(t) for t in args.threads.split(",")]
+    for threads in sorted({1, 2, 3} | set(beside)):
         row(f"decode x{threads}", *run(batches, threads, args.seconds))
     row("decode+crop x3", *run(batches, 3, args.seconds, crop=aug))
     row("step alone", 0.0, run(batches, 0, args.seconds, step=lambda: step(x, y))[1], {})
-    for threads in (1, 3):
+    for threads in beside:
         row(f"step + decode x{threads}", *run(batches, threads, args.seconds, step=lambda: step(x, y)))
     row("step + decode+crop x3", *run(batches, 3, args.seconds, step=lambda: step(x, y), crop=aug))
     print("\n| run | decode img/s | step img/s | host ms per batch: probe / copy / decode call |\n|---|---|---|---|")
