@@ -349,7 +349,7 @@ class PackedPil:
     baseline RGB JPEGs (into one planar buffer), leaves the others (None) to the fallback."""
     calls = 0
 
-    def decode_packed(self, data, offsets):
+    def decode_packed(self, data, offsets, frames=None):
         PackedPil.calls += 1
         images = []
         for i in range(len(offsets) - 1):
@@ -391,6 +391,48 @@ def test_packed_decode_matches_the_list_path_and_reports_the_same():
     assert batch.rows[0, 0] == batch.flat.data_ptr() and batch.rows[:, 1:3].tolist() == [[72, 80], [72, 88], [72, 96], [72, 112]]
     for image, row in zip(batch.images(), batch.rows):
         assert image.data_ptr() == row[0] and tuple(image.shape[1:]) == tuple(row[1:3])
+
+
+def test_jpeg_frame_reads_sizes_and_what_the_engines_take():
+    img = Image.new("RGB", (40, 30), (200, 40, 90))
+
+    def jpeg(**kw):
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=90, **kw)
+        return buf.getvalue()
+    assert gd.jpeg_frame(jpeg()) == (30, 40, 1)  # 4:2:0 baseline: what the resize stage writes
+    assert gd.jpeg_frame(jpeg(subsampling=0)) == (30, 40, 1)  # 4:4:4
+    assert gd.jpeg_frame(jpeg(subsampling=1)) == (30, 40, 1)  # 4:2:2
+    assert gd.jpeg_frame(jpeg(progressive=True)) == (30, 40, 0)
+    assert gd.jpeg_frame(_encode("gray")) == (30, 40, 0)
+    assert gd.jpeg_frame(_encode("cmyk")) == (30, 40, 0)
+    assert gd.jpeg_frame(_encode("png")) == (0, 0, 0)
+    assert gd.jpeg_frame(_encode("garbage")) == (0, 0, 0)
+    assert gd.jpeg_frame(jpeg()[:20]) == (0, 0, 0)  # cut before the frame header
+    frames = gd.jpeg_frames([jpeg(), torch.frombuffer(bytearray(jpeg()), dtype=torch.uint8).numpy()])
+    assert frames.tolist() == [[30, 40, 1], [30, 40, 1]] and frames.dtype == np.int32
+
+
+def test_packed_decode_uses_the_workers_frames_and_recovers_from_a_wrong_one():
+    """With the workers' frames the decoder skips its header checks; a batch it then fails is
+    decoded again with its own checks, and what it still cannot goes to the CPU."""
+    blobs = [_encode("jpeg", w=40 + 8 * i) for i in range(3)]
+    data, offsets = gd.pack_jpegs(blobs)
+    seen = []
+
+    class Strict(PackedPil):
+        def decode_packed(self, data, offsets, frames=None):
+            seen.append(None if frames is None else frames.tolist())
+            if frames is not None and frames[1, 2]:
+                raise RuntimeError("nvjpeg: the batch failed")
+            return super().decode_packed(data, offsets, frames)
+    good = gd.jpeg_frames(blobs)
+    batch, failures = gd.decode_packed(data, offsets.numpy(), ["a", "b", "c"], "cpu", Strict(),
+                                       np.where(np.arange(3)[:, None] == 1, 0, good))
+    assert not failures and len(batch) == 3 and seen[-1][1] == [0, 0, 0]
+    seen.clear()
+    batch, failures = gd.decode_packed(data, offsets.numpy(), ["a", "b", "c"], "cpu", Strict(), good)
+    assert seen == [good.tolist(), None] and not failures and len(batch) == 3
 
 
 def test_pipeline_hybrid_part_is_normalised_and_appended():
@@ -548,8 +590,10 @@ def test_loader_gpu_decode_hands_over_raw_batches(tmp_path):
     raw = list(L.train_loader(info["dir"], decode="gpu", **kw))
     assert len(raw) == len(L.train_loader(info["dir"], **kw)) == 2
     for r in raw:
-        assert set(r) == {"data", "offsets", "labels", "keys"} and r["data"].dtype == torch.uint8
-        assert len(r["keys"]) == len(r["labels"]) == len(r["offsets"]) - 1 == 8
+        assert set(r) == {"data", "offsets", "frames", "labels", "keys"} and r["data"].dtype == torch.uint8
+        assert len(r["keys"]) == len(r["labels"]) == len(r["offsets"]) - 1 == len(r["frames"]) == 8
+        for blob, frame in zip(gd.unpack_jpegs(r["data"], r["offsets"]), r["frames"]):
+            assert tuple(frame[:2]) == tuple(gd.pil_decode(blob).shape[1:])
     hybrid = next(iter(L.train_loader(info["dir"], decode="gpu", cpu_fraction=0.25, **kw)))
     assert hybrid["pre"].shape == (2, 3, 64, 64) and len(hybrid["keys"]) == 6
     val = list(L.val_loader(info["dir"], 4, 0, 1, 2, 64, decode="gpu"))

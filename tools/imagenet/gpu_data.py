@@ -76,6 +76,52 @@ def pack_jpegs(blobs):
     return data, offsets
 
 
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_LUMA = {(1, 1), (2, 1), (1, 2), (2, 2)}  # 4:4:4, 4:2:2, 4:4:0, 4:2:0 with 1x1 chroma
+
+
+def jpeg_frame(blob):
+    """(height, width, engine) from a JPEG's frame header, (0, 0, 0) where there is none: engine
+    is 1 for what the GPU's JPEG engines decode in a batch (Huffman baseline or extended
+    sequential, 8 bits, 3 components YCbCr, chroma 4:4:4, 4:2:2, 4:4:0 or 4:2:0: every JPEG the
+    resize stage writes), else 0 (progressive, CMYK, grayscale, ...: decoded another way).
+    Pure Python, a few microseconds: the loader workers run it, off the training process's GIL."""
+    b = memoryview(blob).cast("B") if not isinstance(blob, (bytes, bytearray)) else blob
+    n, i, rgb = len(b), 2, False
+    if n < 4 or b[0] != 0xFF or b[1] != 0xD8:
+        return 0, 0, 0
+    while i + 4 <= n:
+        if b[i] != 0xFF:
+            return 0, 0, 0
+        marker = b[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        length = (b[i + 2] << 8) | b[i + 3]
+        if marker == 0xEE and bytes(b[i + 4:i + 9]) == b"Adobe" and i + 15 < n:
+            rgb = b[i + 15] == 0  # Adobe transform 0: the 3 components are R, G, B
+        if marker in _SOF:
+            if i + 10 + 3 * b[i + 9] > n:
+                return 0, 0, 0
+            precision, h, w, comps = b[i + 4], (b[i + 5] << 8) | b[i + 6], (b[i + 7] << 8) | b[i + 8], b[i + 9]
+            sampling = [(b[i + 11 + 3 * c] >> 4, b[i + 11 + 3 * c] & 15) for c in range(comps)]
+            engine = (marker in (0xC0, 0xC1) and precision == 8 and comps == 3 and not rgb
+                      and sampling[0] in _LUMA and sampling[1] == sampling[2] == (1, 1) and h > 0 and w > 0)
+            return h, w, int(engine)
+        if marker == 0xDA:  # a scan before any frame header
+            return 0, 0, 0
+        i += 2 + length
+    return 0, 0, 0
+
+
+def jpeg_frames(blobs):
+    """int32 (N, 3) of jpeg_frame for each blob."""
+    return np.array([jpeg_frame(b) for b in blobs], dtype=np.int32).reshape(-1, 3)
+
+
 def unpack_jpegs(data, offsets):
     """Inverse of pack_jpegs: a list of uint8 1-D views, one per image (no copy)."""
     sizes = (offsets[1:] - offsets[:-1]).tolist()
@@ -286,13 +332,21 @@ def _row(image):
     return (image.data_ptr(), image.shape[-2], image.shape[-1], rs, ps, cs)
 
 
-def decode_packed(data, offsets, keys, device, decoder):
+def decode_packed(data, offsets, keys, device, decoder, frames=None):
     """A packed batch (see pack_jpegs) through a decoder's decode_packed (tools.imagenet.nvjpeg),
-    the images it does not take through the CPU fallback (PIL by content). Returns
-    (DecodedBatch, failures): failures lists (key, reason) of what nothing decodes."""
+    the images it does not take through the CPU fallback (PIL by content). frames: the workers'
+    jpeg_frames of the batch (saves the decoder its header checks), None: the decoder checks.
+    Returns (DecodedBatch, failures): failures lists (key, reason) of what nothing decodes."""
     device = torch.device(device)
     offsets = np.asarray(offsets, dtype=np.int64)
-    flat, ok, sizes, starts = decoder.decode_packed(data, offsets)
+    try:
+        flat, ok, sizes, starts = decoder.decode_packed(data, offsets, frames)
+    except Exception:  # noqa: BLE001 - e.g. a corrupt scan behind a good header: all to the CPU
+        if frames is None:
+            n = len(offsets) - 1
+            flat, ok, sizes, starts = None, np.zeros(n, dtype=bool), np.zeros((n, 2), np.int64), None
+        else:  # the decoder's own header checks, then
+            return decode_packed(data, offsets, keys, device, decoder)
     n = len(ok)
     rows = np.zeros((n, 6), dtype=np.int64)
     if flat is not None:
@@ -783,7 +837,8 @@ class GpuBatchPipeline:
             labels = torch.as_tensor(raw["labels"], dtype=torch.int64)
             keys = raw.get("keys") or [str(i) for i in range(len(labels))]
             pre, pre_labels = raw.get("pre"), raw.get("pre_labels")
-            batch, failures = decode_packed(raw["data"], raw["offsets"], keys, self.device, decoder)
+            batch, failures = decode_packed(raw["data"], raw["offsets"], keys, self.device, decoder,
+                                            raw.get("frames"))
             self._report(failures)
             t1 = time.perf_counter()
             if len(batch):

@@ -200,9 +200,10 @@ def resolve_decode(decode, ten_crop=False):
 
 def _raw_batch(samples, pre=None, pre_labels=None):
     """Undecoded batch for the GPU path (see the module docstring)."""
-    from tools.imagenet.gpu_data import pack_jpegs
-    data, offsets = pack_jpegs([s["jpg"] for s in samples])
-    out = {"data": data, "offsets": offsets.numpy(),
+    from tools.imagenet.gpu_data import jpeg_frames, pack_jpegs
+    blobs = [s["jpg"] for s in samples]
+    data, offsets = pack_jpegs(blobs)
+    out = {"data": data, "offsets": offsets.numpy(), "frames": jpeg_frames(blobs),
            "labels": np.array([int(s["cls"]) for s in samples], dtype=np.int64),
            "keys": [s["__key__"] for s in samples]}
     if pre is not None:

@@ -153,8 +153,9 @@ class NvjpegDecoder:
             return 0, 0
         return (heights[0], widths[0]) if self._supported.value == 0 else (0, 0)
 
-    def decode_packed(self, data, offsets):
-        """A packed batch (uint8 1-D CPU tensor, N+1 byte offsets; see gpu_data.pack_jpegs) ->
+    def decode_packed(self, data, offsets, frames=None):
+        """A packed batch (uint8 1-D CPU tensor, N+1 byte offsets; see gpu_data.pack_jpegs; frames:
+        its gpu_data.jpeg_frames, else the headers are checked here, through nvJPEG) ->
         (flat, ok, sizes, starts): flat a uint8 device buffer holding the decoded images as planar
         RGB one after another (None if none decoded), ok a bool array of the images decoded,
         sizes int64 (N, 2) h, w (0 where not), starts the element offset of each image in flat.
@@ -168,8 +169,12 @@ class NvjpegDecoder:
         lengths = np.diff(offsets)
         base = data.data_ptr()
         t0 = time.perf_counter()
-        sizes = np.array([self._probe(base + int(o), int(s)) for o, s in zip(offsets[:-1], lengths)],
-                         dtype=np.int64).reshape(n, 2)
+        if frames is None:
+            sizes = np.array([self._probe(base + int(o), int(s)) for o, s in zip(offsets[:-1], lengths)],
+                             dtype=np.int64).reshape(n, 2)
+        else:  # the loader workers read the headers (gpu_data.jpeg_frames): no per-image calls here
+            frames = np.asarray(frames, dtype=np.int64)
+            sizes = np.where(frames[:, 2:3] != 0, frames[:, :2], 0)
         ok = sizes[:, 0] > 0
         planes = sizes[:, 0] * sizes[:, 1]
         starts = np.zeros(n, dtype=np.int64)
