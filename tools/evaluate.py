@@ -30,6 +30,7 @@ from tools.imagenet import fsutil
 from tools.imagenet.classes import class_name
 from tools.imagenet.distributed import AMP_DTYPES, amp_dtype, setup
 from tools.imagenet.evaluation import evaluate, most_confused
+from tools.imagenet.gpu_data import GPU_DECODERS
 from tools.imagenet.loader import read_manifest, resolve_decode, val_loader
 
 
@@ -55,9 +56,10 @@ def parse_args(argv=None):
                    help="where the JPEGs are decoded and cropped: cpu (PIL in the loader workers), gpu "
                         "(nvJPEG + a crop kernel on the device; on a CPU device the same code runs on "
                         "the CPU) or auto (gpu where CUDA works, cpu for --ten-crop) (default: auto)")
-    p.add_argument("--gpu-decoder", choices=["nvjpeg", "hardware"], default="nvjpeg",
-                   help="--decode gpu: nvjpeg (torchvision, on the SMs) or hardware (nvImageCodec on the "
-                        "JPEG engines of A100/H100/H200) (default: nvjpeg)")
+    p.add_argument("--gpu-decoder", choices=list(GPU_DECODERS), default="auto",
+                   help="--decode gpu: engine (libnvjpeg on the JPEG engines of A100/H100/H200), nvjpeg "
+                        "(torchvision), hardware (nvImageCodec) or auto (engine where there is one, else "
+                        "nvjpeg) (default: auto)")
     p.add_argument("--amp", choices=sorted(AMP_DTYPES), default="none",
                    help="autocast dtype for the forward pass (default: none, full fp32)")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format (faster on GPUs)")

@@ -90,12 +90,12 @@ def parse_args(argv=None):
       "gpu when CUDA works")
     a("--cpu-fraction", type=float, default=0.0, help="--decode gpu: share of each batch the "
       "workers decode and crop on the CPU (hybrid; raise it when the GPU decoder is the limit)")
-    a("--gpu-decoder", default="nvjpeg", choices=list(gpu_data.GPU_DECODERS), help="--decode gpu: "
-      "nvjpeg (torchvision, on the SMs the step uses; the faster one on an H200) or hardware "
-      "(nvImageCodec on the JPEG engines of A100/H100/H200, off the SMs; needs nvidia-nvimgcodec "
-      "and libnvjpeg on LD_LIBRARY_PATH)")
+    a("--gpu-decoder", default="auto", choices=list(gpu_data.GPU_DECODERS), help="--decode gpu: "
+      "engine (libnvjpeg's batched decode on the JPEG engines of A100/H100/H200, a few Python "
+      "operations per batch: the fastest on an H200), nvjpeg (torchvision's decode_jpeg), hardware "
+      "(nvImageCodec; needs nvidia-nvimgcodec) or auto (engine where the GPU has one, else nvjpeg)")
     a("--decode-threads", type=int, default=2, help="--decode gpu: host threads decoding and "
-      "cropping batches ahead, each with its own CUDA stream (nvJPEG serialises its calls)")
+      "cropping batches ahead, each with its own CUDA stream")
     a("--shuffle-buffer", type=int, default=1000, help="samples in each loader's shuffle buffer")
     a("--normalize", default="manifest", choices=["manifest", "imagenet"],
       help="mean/std from the train manifest or the usual ImageNet constants")

@@ -225,22 +225,33 @@ def hardware_jpeg_decoder(device):
     return decode
 
 
-GPU_DECODERS = ("nvjpeg", "hardware", "engine")
+GPU_DECODERS = ("auto", "engine", "nvjpeg", "hardware")
 
 
 def gpu_decoder(kind, device):
-    """A batch decoder by name: "nvjpeg" (torchvision, on the SMs) or "hardware" (nvImageCodec on
-    the JPEG engines; raises where it cannot). Each decode thread makes its own.
-
-    nvjpeg is the default: on an H200 it fed AlexNet faster (bench/NOTES-gpu.md), as the hardware
-    decoder's per-batch host work competes for the GIL with the rest of the pipeline."""
+    """A batch decoder by name. Each decode thread makes its own.
+    - "engine": tools.imagenet.nvjpeg, libnvjpeg's batched decode on the GPU's JPEG engines (A100,
+      H100, H200), packed batches in and out (raises where the GPU has no engine);
+    - "nvjpeg": torchvision's decode_jpeg(list, device="cuda") (the engines too where there are,
+      else nvJPEG on the SMs; one call at a time per process, a list of tensors in and out);
+    - "hardware": nvImageCodec on the engines (needs nvidia-nvimgcodec);
+    - "auto": engine where the GPU has JPEG engines, else nvjpeg.
+    engine is what "auto" picks because it fed AlexNet fastest on an H200 (bench/NOTES-gpu.md):
+    the pipeline is limited by the Python work its threads share one GIL for, and the engine
+    decoder's is a few operations per batch, not per image. On a CPU device: torchvision's."""
     if kind not in GPU_DECODERS:
         raise ValueError(f"unknown GPU decoder {kind!r}: choose one of {', '.join(GPU_DECODERS)}")
-    if kind == "hardware" and torch.device(device).type == "cuda":
+    if torch.device(device).type != "cuda":
+        return torchvision_gpu_decoder(device)
+    if kind == "hardware":
         return hardware_jpeg_decoder(device)
-    if kind == "engine" and torch.device(device).type == "cuda":
+    if kind in ("engine", "auto"):
         from tools.imagenet.nvjpeg import NvjpegDecoder
-        return NvjpegDecoder(device)
+        try:
+            return NvjpegDecoder(device)
+        except RuntimeError:
+            if kind == "engine":
+                raise
     return torchvision_gpu_decoder(device)
 
 

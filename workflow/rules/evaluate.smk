@@ -18,7 +18,7 @@ rule evaluate:
         batch_size=config["evaluate"].get("batch_size", 256),
         workers=config["evaluate"].get("workers", 8),
         decode=config["evaluate"].get("decode", "auto"),
-        gpu_decoder=config["evaluate"].get("gpu_decoder", "nvjpeg"),
+        gpu_decoder=config["evaluate"].get("gpu_decoder", "auto"),
     shell:
         "{PY} -m tools.evaluate --run-dir {params.run_dir} --shards {input.shards} --output {output}"
         " --device {params.device} --batch-size {params.batch_size} --workers {params.workers}"
