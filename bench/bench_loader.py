@@ -351,9 +351,9 @@ def parse_args(argv=None):
                    help="CPU shares for (i), the engine decoder plus CPU workers (default 0.1)")
     p.add_argument("--step-sms", type=int, default=0,
                    help="run the step on this many SMs (a green context), the rest left to the data path")
-    p.add_argument("--step-stream", choices=["default", "side"], default="default",
-                   help="the CUDA stream of the step (and the hand-over): PyTorch's default stream, or a "
-                        "side stream of its own")
+    p.add_argument("--step-stream", choices=["default", "side"], default="side",
+                   help="the CUDA stream of the step (and the hand-over): a side stream of its own, as "
+                        "tools.train runs it (default), or PyTorch's default stream")
     p.add_argument("--priority-ab", action="store_true",
                    help="also run (d) and (h) with decode streams of high priority")
     p.add_argument("--paths", default="a,b,c,d,e,f,g,h,i", help="comma list of the paths a-g to run")
@@ -407,7 +407,7 @@ def main(argv=None) -> int:
         card = torch.cuda.get_device_name()
         print(f"card: {card}; torch {torch.__version__}; {W} workers", file=sys.stderr)
         step_stream = contextlib.nullcontext()
-        if args.step_stream == "side":  # not the legacy default stream, which other blocking streams wait on
+        if args.step_stream == "side":  # as tools.train (distributed.work_stream), not the default stream
             step_stream = torch.cuda.stream(torch.cuda.Stream())
             rows.append({"model": "none", "path": "step on a side stream", "share": None,
                          "windows": [], "images_per_s": float("nan")})

@@ -278,10 +278,22 @@ def test_decoder_none_entries_fall_back_per_image():
     _check_decoded(*gd.decode_jpegs(blobs, "cpu", keys=[f"k{i}" for i in range(5)], decoder=per_image))
 
 
+def test_work_stream_is_a_side_stream_on_cuda():
+    from tools.imagenet.distributed import work_stream
+    with work_stream(torch.device("cpu")):
+        pass
+    if torch.cuda.is_available():
+        with work_stream(torch.device("cuda", 0)):
+            assert torch.cuda.current_stream() != torch.cuda.default_stream()
+
+
 def test_gpu_decoder_choice():
     with pytest.raises(ValueError, match="unknown GPU decoder"):
         gd.gpu_decoder("dali", "cpu")
     assert gd.gpu_decoder("nvjpeg", "cpu").kind == "nvjpeg"
+    assert gd.gpu_decoder("auto", "cpu").kind == gd.gpu_decoder("engine", "cpu").kind == "nvjpeg"
+    if torch.cuda.is_available():  # the engines where the GPU has them, else torchvision's nvJPEG
+        assert gd.gpu_decoder("auto", "cuda").kind in ("engine", "nvjpeg")
     if gd.import_nvimgcodec() is None and torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="nvImageCodec is not installed"):
             gd.gpu_decoder("hardware", "cuda")

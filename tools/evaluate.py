@@ -28,7 +28,7 @@ import torch.distributed as dist
 from tools.imagenet import checkpoint as ckpt_io
 from tools.imagenet import fsutil
 from tools.imagenet.classes import class_name
-from tools.imagenet.distributed import AMP_DTYPES, amp_dtype, setup
+from tools.imagenet.distributed import AMP_DTYPES, amp_dtype, setup, work_stream
 from tools.imagenet.evaluation import evaluate, most_confused
 from tools.imagenet.gpu_data import GPU_DECODERS
 from tools.imagenet.loader import read_manifest, resolve_decode, val_loader
@@ -137,6 +137,11 @@ def summary(doc, worst=5):
 
 def run(args):
     rank, world, device = setup(args.device)
+    with work_stream(device):
+        return run_on(args, rank, world, device)
+
+
+def run_on(args, rank, world, device):
     path = find_checkpoint(args)
     model, ckpt = ckpt_io.load_model(path, device)
     manifest = read_manifest(args.shards, "val")

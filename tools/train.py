@@ -42,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from tools.imagenet import checkpoint as ckpt
-from tools.imagenet.distributed import all_reduce, setup
+from tools.imagenet.distributed import all_reduce, setup, work_stream
 from tools.imagenet.distributed import amp_dtype as autocast_dtype
 from tools.imagenet import fsutil
 from tools.imagenet.evaluation import evaluate
@@ -483,7 +483,7 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup(args.device)
     try:
-        with StopFlag() as stop:
+        with StopFlag() as stop, work_stream(device):
             return train(args, rank, world, device, stop)
     except Diverged as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
