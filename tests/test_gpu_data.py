@@ -585,6 +585,27 @@ def test_threaded_pipeline_no_deadlock_when_a_thread_is_slow_to_take_its_slot(mo
     assert labels == list(range(12))
 
 
+def test_threaded_pipeline_raises_when_a_decoder_hangs(capfd):
+    """A decoder stuck in a library call: the consumer raises after stall_timeout, with the
+    threads' stacks on stderr, instead of waiting forever."""
+    release = __import__("threading").Event()
+
+    class Stuck:
+        def decode_packed(self, data, offsets, frames=None):
+            release.wait(30)
+            raise RuntimeError("released")
+    data, offsets = gd.pack_jpegs([_encode("jpeg")] * 2)
+    raw = {"data": data, "offsets": offsets.numpy(), "labels": np.arange(2)}
+    pipe = gd.GpuBatchPipeline([raw] * 3, gd.GpuAugment(16, mode="center"), device="cpu", threads=2,
+                               decoder=Stuck(), stall_timeout=1.0)
+    try:
+        with pytest.raises(RuntimeError, match="no batch from the data pipeline's threads for 1 s"):
+            list(pipe)
+    finally:
+        release.set()
+    assert "decode_packed" in capfd.readouterr().err
+
+
 def test_threaded_pipeline_raises_a_producer_error():
     def broken():
         yield {"jpegs": [_encode("jpeg")], "labels": [0]}

@@ -35,8 +35,10 @@ Images no decoder can read are dropped from their batch (it gets smaller) and re
 `on_failure(key, reason)` (default: a warning; tools.train passes failure_log); never silently.
 """
 import contextlib
+import faulthandler
 import math
 import queue
+import sys
 import threading
 import time
 import warnings
@@ -794,14 +796,16 @@ class GpuBatchPipeline:
     decoder: a name for gpu_decoder ("nvjpeg", "hardware", "engine"; each thread makes its own,
     as the hardware engines take several decoders at once) or one decoder shared by all threads
     (a callable on a list of images, or an object with decode_packed).
-    priority: of the decode streams (-1: high, 0: normal)."""
+    priority: of the decode streams (-1: high, 0: normal). stall_timeout: seconds without a batch
+    from the threads after which the consumer raises, with every thread's stack on stderr (a
+    decoder stuck in a library call must not hang a training run silently)."""
 
     def __init__(self, batches, augment, device="cuda", prefetch=3, threads=1, decoder="nvjpeg",
-                 on_failure=None, priority=0):
+                 on_failure=None, priority=0, stall_timeout=600.0):
         self.batches, self.augment = batches, augment
         self.device = torch.device(device)
         self.prefetch, self.threads, self.decoder = max(1, prefetch), max(0, threads), decoder
-        self.priority = priority
+        self.priority, self.stall_timeout = priority, stall_timeout
         self._local = threading.local()
         self.decoder_kind = None
         self.on_failure = on_failure or (lambda key, reason: warnings.warn(f"dropped {key}: {reason}"))
@@ -992,7 +996,7 @@ class GpuBatchPipeline:
                     for k in range(self.threads)]
         for t in workers:
             t.start()
-        pending, index, finished = {}, 0, 0
+        pending, index, finished, stalled = {}, 0, 0, False
         try:
             while True:
                 if index in pending:
@@ -1003,7 +1007,16 @@ class GpuBatchPipeline:
                     continue
                 if finished == self.threads:
                     return
-                i, item = ready.get()
+                try:
+                    i, item = ready.get(timeout=self.stall_timeout)
+                except queue.Empty:
+                    try:
+                        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+                    except (AttributeError, ValueError, OSError):  # a stderr without a file descriptor
+                        pass
+                    stalled = True
+                    raise RuntimeError(f"no batch from the data pipeline's threads for {self.stall_timeout:.0f} s "
+                                       f"(their stacks are on stderr above)") from None
                 if item is _DONE:
                     finished += 1
                 elif isinstance(item, BaseException):
@@ -1012,7 +1025,9 @@ class GpuBatchPipeline:
                     pending[i] = item
         finally:
             stop.set()
-            while any(t.is_alive() for t in workers):  # unblock threads waiting on a queue
+            # unblock threads waiting on a queue; a stalled one may never return (daemon threads)
+            deadline = time.monotonic() + (5.0 if stalled else float("inf"))
+            while any(t.is_alive() for t in workers) and time.monotonic() < deadline:
                 for q in (todo, ready):
                     try:
                         q.get_nowait()
@@ -1038,7 +1053,6 @@ def val_pipeline(loader, device, crop_size, mean, std, on_failure=None, threads=
 def failure_log(path, **context):
     """on_failure callback: every image no decoder can read goes to stderr and is appended to the
     TSV `path` (key, reason, then the context values, e.g. epoch and rank), header on creation."""
-    import sys
     from pathlib import Path
     path = Path(path)
 
