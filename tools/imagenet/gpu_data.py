@@ -9,11 +9,15 @@ Usage:
         loss = criterion(model(x), y)          # x: normalised float NCHW, channels_last, on the GPU
 
 Pieces:
-- decode_jpegs(blobs, device): batched nvJPEG through torchvision (one bad image fails the whole
-  batch: the batch is then split in halves until the bad ones are isolated), or nvImageCodec on the
-  GPU's hardware JPEG engines (gpu_decoder("hardware"); None per image it cannot), CPU fallback with
-  PIL by content (CMYK, grayscale, PNG named .jpg ...) and a list of (key, reason) for what nothing
-  decodes. On a CPU device everything runs on the CPU (libjpeg-turbo through torchvision, then PIL).
+- decode_packed(data, offsets, ...): a packed batch through the engine decoder (tools.imagenet.nvjpeg,
+  gpu_decoder("engine"), the default where the GPU has JPEG engines): one buffer in, one buffer of
+  planar images out (DecodedBatch), the frame headers read by the loader workers (jpeg_frame).
+- decode_jpegs(blobs, device): a list of images through torchvision's batched nvJPEG (one bad image
+  fails the whole batch: the batch is then split in halves until the bad ones are isolated), or
+  nvImageCodec (gpu_decoder("hardware"); None per image it cannot).
+  Both: CPU fallback with PIL by content (CMYK, grayscale, PNG named .jpg ...) and a list of (key,
+  reason) for what nothing decodes. On a CPU device everything runs on the CPU (libjpeg-turbo
+  through torchvision, then PIL).
 - GpuAugment: crop parameters drawn on the CPU with a seeded torch.Generator, vectorised over the
   batch (no per-image Python RNG calls). The crop reads the decoded images where they lie, through
   a table of pointers and strides (planar or interleaved): a Triton kernel on CUDA (crop_triton), a
@@ -800,7 +804,7 @@ class GpuBatchPipeline:
     from the threads after which the consumer raises, with every thread's stack on stderr (a
     decoder stuck in a library call must not hang a training run silently)."""
 
-    def __init__(self, batches, augment, device="cuda", prefetch=3, threads=1, decoder="nvjpeg",
+    def __init__(self, batches, augment, device="cuda", prefetch=3, threads=1, decoder="auto",
                  on_failure=None, priority=0, stall_timeout=600.0):
         self.batches, self.augment = batches, augment
         self.device = torch.device(device)
@@ -1042,7 +1046,7 @@ class GpuBatchPipeline:
 
 # ---------------------------------------------------------------------------------------- helpers
 
-def val_pipeline(loader, device, crop_size, mean, std, on_failure=None, threads=1, decoder="nvjpeg"):
+def val_pipeline(loader, device, crop_size, mean, std, on_failure=None, threads=1, decoder="auto"):
     """Center crops of a decode="gpu" val loader as normalised float32 NCHW on `device`: the same
     input the CPU path gives the model (tools.imagenet.evaluation.evaluate takes either)."""
     aug = GpuAugment(crop_size, mode="center", mean=mean, std=std, dtype=torch.float32,

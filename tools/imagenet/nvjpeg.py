@@ -10,12 +10,14 @@ hardware backend on A100/H100/H200): it decodes one batch at a time per process 
 its own stream, and waits on the host for each batch to finish; and a list of tensors in and out
 costs a few Python-level operations per image, each of which gives up the GIL and waits to get it
 back from the training loop (bench/NOTES-gpu.md, phase 4). Here each decoder has its own nvJPEG
-state, takes a packed batch (one buffer, offsets) and returns one buffer plus numpy arrays, decodes
-on the caller's stream and returns without waiting for the GPU.
+state, takes a packed batch (one buffer, offsets) and returns one buffer plus numpy arrays, orders
+its work with the caller's stream and returns without waiting for the GPU. nvJPEG's internal
+streams are blocking streams: keep the work that consumes the images off PyTorch's default stream
+(tools.imagenet.distributed.work_stream), or the two wait on each other.
 
 The whole batch lands in one device buffer (planar RGB, image after image); each image is a view of
 it. Images the batched hardware decode does not take (progressive, CMYK, 12-bit, not a JPEG ...)
-come back as None: gpu_data.decode_jpegs decodes those on the CPU.
+come back as None (not ok): gpu_data.decode_jpegs / decode_packed decode those on the CPU.
 """
 import collections
 import ctypes
@@ -27,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-_BACKEND_DEFAULT, _BACKEND_HARDWARE = 0, 3
+_BACKEND_HARDWARE = 3
 _OUTPUT_RGB = 3
 _STATUS_ARCH_MISMATCH = 8
 _MAX_COMPONENT = 4
