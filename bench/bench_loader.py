@@ -104,6 +104,19 @@ def write_shards(src, out, shard_size, seed=0):
     return out
 
 
+def make_jpegs(num_images, workers=16, num_classes=10):
+    """num_images generated JPEGs (as bytes, in file order) for the decode probes."""
+    from multiprocessing import Pool
+    work = Path(tempfile.mkdtemp(prefix="jpegs_"))
+    wnids = [f"n{k:08d}" for k in range(num_classes)]
+    for split in ("train", "val"):
+        for w in wnids:
+            (work / split / w).mkdir(parents=True, exist_ok=True)
+    with Pool(workers) as pool:
+        pool.map(_make_image, [(i, num_classes, work, wnids) for i in range(num_images)], chunksize=16)
+    return [f.read_bytes() for f in sorted(work.rglob("*.JPEG"))]
+
+
 def make_dataset(work, num_images, num_classes, workers, shard_size):
     """An ImageFolder tree work/resized/{train,val}/<wnid>/*.JPEG and shards in work/shards."""
     from multiprocessing import Pool

@@ -12,10 +12,8 @@ Needs nvidia-nvimgcodec for the hardware rows (the rest runs without it).
 import argparse
 import statistics
 import sys
-import tempfile
 import threading
 import time
-from multiprocessing import Pool
 from pathlib import Path
 
 import torch
@@ -70,15 +68,7 @@ def main():
     p.add_argument("--images", type=int, default=2560)
     p.add_argument("--batch", type=int, default=256)
     args = p.parse_args()
-    work = Path(tempfile.mkdtemp())
-    wnids = [f"n{k:08d}" for k in range(10)]
-    for split in ("train", "val"):
-        for w in wnids:
-            (work / split / w).mkdir(parents=True, exist_ok=True)
-    with Pool(16) as pool:
-        pool.map(bl._make_image, [(i, 10, work, wnids) for i in range(args.images)], chunksize=16)
-    files = sorted(work.rglob("*.JPEG"))
-    blobs = [f.read_bytes() for f in files]
+    blobs = bl.make_jpegs(args.images)
     B = args.batch
     batches = [blobs[i:i + B] for i in range(0, len(blobs) - B + 1, B)]
     tensors = [[torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in bt] for bt in batches]

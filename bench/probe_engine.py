@@ -9,10 +9,8 @@ per image) or the Python around it does (the GIL).
 import argparse
 import faulthandler
 import sys
-import tempfile
 import threading
 import time
-from multiprocessing import Pool
 from pathlib import Path
 
 import torch
@@ -93,14 +91,7 @@ def main():
         stream, got, total = partitioned_stream("cuda", args.step_sms)
         STEP_STREAM.append(stream)
         print(f"step on {got} of {total} SMs", flush=True)
-    work = Path(tempfile.mkdtemp())
-    wnids = [f"n{k:08d}" for k in range(10)]
-    for split in ("train", "val"):
-        for w in wnids:
-            (work / split / w).mkdir(parents=True, exist_ok=True)
-    with Pool(16) as pool:
-        pool.map(bl._make_image, [(i, 10, work, wnids) for i in range(args.images)], chunksize=16)
-    blobs = [f.read_bytes() for f in sorted(work.rglob("*.JPEG"))]
+    blobs = bl.make_jpegs(args.images)
     batches = []
     for i in range(0, len(blobs) - 255, 256):
         data, offsets = gd.pack_jpegs(blobs[i:i + 256])
