@@ -421,6 +421,11 @@ def test_jpeg_frame_reads_sizes_and_what_the_engines_take():
     assert gd.jpeg_frame(_encode("png")) == (0, 0, 0)
     assert gd.jpeg_frame(_encode("garbage")) == (0, 0, 0)
     assert gd.jpeg_frame(jpeg()[:20]) == (0, 0, 0)  # cut before the frame header
+    whole = jpeg()
+    sof = whole.index(b"\xff\xc0")
+    # cut anywhere (the loader workers run this on whatever a shard holds): never an exception
+    assert {gd.jpeg_frame(whole[:k]) for k in range(len(whole))} <= {(0, 0, 0), (30, 40, 1)}
+    assert gd.jpeg_frame(whole[:sof + 12]) == (0, 0, 0) and gd.jpeg_frame(whole[:sof + 19]) == (30, 40, 1)
     frames = gd.jpeg_frames([jpeg(), torch.frombuffer(bytearray(jpeg()), dtype=torch.uint8).numpy()])
     assert frames.tolist() == [[30, 40, 1], [30, 40, 1]] and frames.dtype == np.int32
 

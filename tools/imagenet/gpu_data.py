@@ -110,7 +110,7 @@ def jpeg_frame(blob):
         if marker == 0xEE and bytes(b[i + 4:i + 9]) == b"Adobe" and i + 15 < n:
             rgb = b[i + 15] == 0  # Adobe transform 0: the 3 components are R, G, B
         if marker in _SOF:
-            if i + 10 + 3 * b[i + 9] > n:
+            if i + 10 > n or i + 10 + 3 * b[i + 9] > n:  # cut inside the frame header
                 return 0, 0, 0
             precision, h, w, comps = b[i + 4], (b[i + 5] << 8) | b[i + 6], (b[i + 7] << 8) | b[i + 8], b[i + 9]
             sampling = [(b[i + 11 + 3 * c] >> 4, b[i + 11 + 3 * c] & 15) for c in range(comps)]
