@@ -421,7 +421,8 @@ def main(argv=None) -> int:
         print(f"card: {card}; torch {torch.__version__}; {W} workers", file=sys.stderr)
         step_stream = contextlib.nullcontext()
         if args.step_stream == "side":  # as tools.train (distributed.work_stream), not the default stream
-            step_stream = torch.cuda.stream(torch.cuda.Stream())
+            from tools.imagenet.distributed import work_stream
+            step_stream = work_stream(torch.device("cuda"))
             rows.append({"model": "none", "path": "step on a side stream", "share": None,
                          "windows": [], "images_per_s": float("nan")})
         if args.step_sms:

@@ -765,12 +765,16 @@ class GpuAugment:
 
 # ---------------------------------------------------------------------------------------- pipeline
 
-def _fields(raw):
-    """A raw batch: a dict from pack_jpegs' workers, or a (list of bytes, labels[, keys]) tuple."""
+def _fields(raw, unpack=True):
+    """A raw batch: a dict from pack_jpegs' workers, or a (list of bytes, labels[, keys]) tuple.
+    unpack=False: a packed dict's blobs come back as None (its decoder reads the buffer)."""
     if isinstance(raw, dict):
-        blobs = unpack_jpegs(raw["data"], raw["offsets"]) if "data" in raw else list(raw.get("jpegs", []))
+        if "data" in raw:
+            blobs = unpack_jpegs(raw["data"], raw["offsets"]) if unpack else None
+        else:
+            blobs = list(raw.get("jpegs", []))
         labels = torch.as_tensor(raw["labels"], dtype=torch.int64)
-        keys = raw.get("keys") or [str(i) for i in range(len(blobs))]
+        keys = raw.get("keys") or [str(i) for i in range(len(labels))]
         return blobs, labels, keys, raw.get("pre"), raw.get("pre_labels")
     blobs, labels = raw[0], torch.as_tensor(raw[1], dtype=torch.int64)
     keys = raw[2] if len(raw) > 2 else [str(i) for i in range(len(blobs))]
@@ -851,28 +855,23 @@ class GpuBatchPipeline:
         parts_x, parts_y = [], []
         t0 = t1 = time.perf_counter()
         decoder = self.thread_decoder()
-        if hasattr(decoder, "decode_packed") and isinstance(raw, dict) and "data" in raw:
-            # one buffer in, one out: a few operations per batch instead of a few per image
-            labels = torch.as_tensor(raw["labels"], dtype=torch.int64)
-            keys = raw.get("keys") or [str(i) for i in range(len(labels))]
-            pre, pre_labels = raw.get("pre"), raw.get("pre_labels")
-            batch, failures = decode_packed(raw["data"], raw["offsets"], keys, self.device, decoder,
-                                            raw.get("frames"))
-            self._report(failures)
-            t1 = time.perf_counter()
-            if len(batch):
-                parts_x.append(self.augment(batch, index))
-                parts_y.append(labels[torch.from_numpy(batch.index)] if len(batch) < len(labels) else labels)
-            blobs = []
-        else:
-            blobs, labels, keys, pre, pre_labels = _fields(raw)
-        if blobs:
+        # one buffer in, one out: a few operations per batch instead of a few per image
+        packed = hasattr(decoder, "decode_packed") and isinstance(raw, dict) and "data" in raw
+        blobs, labels, keys, pre, pre_labels = _fields(raw, unpack=not packed)
+        keep = []
+        if packed:
+            images, failures = decode_packed(raw["data"], raw["offsets"], keys, self.device, decoder,
+                                             raw.get("frames"))
+            keep = images.index.tolist()
+        elif blobs:
             images, failures = decode_jpegs(blobs, self.device, keys, decoder)
-            self._report(failures)
             keep = [i for i, im in enumerate(images) if im is not None]
+            images = [images[i] for i in keep]
+        if packed or blobs:
+            self._report(failures)
             t1 = time.perf_counter()
             if keep:
-                parts_x.append(self.augment([images[i] for i in keep], index))
+                parts_x.append(self.augment(images, index))
                 parts_y.append(labels[keep] if len(keep) < len(labels) else labels)
         if pre is not None and len(pre):
             parts_x.append(self.augment.normalize(_to_device(pre, self.device)))

@@ -39,11 +39,6 @@ def _check(status, what):
         raise RuntimeError(f"{what} failed: CUresult {status}")
 
 
-def sm_count(device):
-    """Number of SMs of a CUDA device."""
-    return torch.cuda.get_device_properties(torch.device(device)).multi_processor_count
-
-
 def partitioned_stream(device, num_sms):
     """(stream, SMs it got, SMs of the GPU): a torch stream of a green context limited to about
     num_sms SMs (rounded by the driver to the GPU's partition granularity, e.g. 8 on H100/H200).
