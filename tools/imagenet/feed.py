@@ -143,6 +143,8 @@ class ProcessFeed:
     def __init__(self, make, device, slots=4, poll_seconds=1.0):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
+        if self.cuda and self.device.index is None:  # IPC events need the index; the child gets it too
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.poll_seconds = poll_seconds
         ctx = mp.get_context("spawn")
         self.conn, child_conn = ctx.Pipe()
@@ -182,7 +184,8 @@ class ProcessFeed:
 
     def epoch(self, epoch):
         """The epoch's batches (an iterable with len() and num_samples); iterate it to the end, or
-        break out (the child then stops that epoch) before asking for the next one."""
+        break out (the child then stops that epoch when the next one is asked for)."""
+        self._end_active()
         self.conn.send(("epoch", epoch))
         _, length, num_samples = self._recv("len")
         return _Epoch(self, length, num_samples)
@@ -226,10 +229,13 @@ class ProcessFeed:
                     while (msg := self._recv("batch", "end"))[0] == "batch":
                         self._free(msg[1])
 
-    def close(self):
+    def _end_active(self):
         if self._active is not None:
-            self._active.close()  # a consumer that broke off: end the child's epoch first
+            self._active.close()  # a consumer that broke off: ends the child's epoch
             self._active = None
+
+    def close(self):
+        self._end_active()
         self.buffers = [(None, None)] * len(self.buffers)
         if self.proc.is_alive():
             with contextlib.suppress(OSError):

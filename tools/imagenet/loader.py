@@ -350,7 +350,11 @@ class Loader:
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.workers,
                             pin_memory=self.pin_memory, collate_fn=_as_is,
                             prefetch_factor=4 if self.workers else None,
-                            worker_init_fn=_worker_init if self.workers else None)
+                            worker_init_fn=_worker_init if self.workers else None,
+                            # its own generator: iter() would otherwise draw the workers' base seed
+                            # from the caller's global RNG, so the model's dropout would depend on
+                            # which process or thread starts the loader (the streams seed their own)
+                            generator=torch.Generator().manual_seed(0))
         # The workers fork here, in the caller's thread, not at the first next(): that may come
         # from GpuBatchPipeline's fetch thread, and a fork beside running threads can inherit a
         # lock one of them holds.
