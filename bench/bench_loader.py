@@ -25,8 +25,6 @@ an ImageFolder tree of them and WebDataset shards (plain tarfile, per the shard 
   (h) engine       as (d) with tools.imagenet.nvjpeg (libnvjpeg's hardware backend called directly:
                    a decoder per thread, no host wait; --gpu-decoder engine)
   (i) engine+cpu   as (h) plus CPU workers (--engine-fractions)
-  (j) engine feed  as (h), the pipeline in a process of its own handing batches over by CUDA IPC
-                   (tools.imagenet.feed.ProcessFeed; tools.train --feed process)
 --priority-ab adds (d) and (h) with decode streams of high priority (the default is normal).
 plus, for the data path alone (no model): stage costs of one batch (decode with each decoder,
 the phase-1 pad + roi_align crop against the in-place crop in torch and Triton), decode
@@ -171,22 +169,6 @@ def gpu_batches(shards, batch, workers, crop, aug, total, cpu_fraction=0.0, deco
     augment = gpu_data.GpuAugment(crop, mode=aug, mean=MEAN, std=STD, dtype=torch.bfloat16, seed=0)
     return gpu_data.GpuBatchPipeline(loader, augment, device="cuda", decoder=decoder, threads=threads,
                                      priority=priority)
-
-
-def feed_batches(kwargs, epoch):
-    """(j)'s pipeline, made in the data process (`epoch` unused: the stream is long enough)."""
-    return gpu_batches(**kwargs)
-
-
-def fed(kwargs):
-    """(j): gpu_batches(**kwargs) made in a ProcessFeed's child process."""
-    import functools
-    from tools.imagenet.feed import ProcessFeed
-    feed = ProcessFeed(functools.partial(feed_batches, kwargs), "cuda")
-    try:
-        yield from feed.epoch(1)
-    finally:
-        feed.close()
 
 
 def one_raw_batch(shards, batch, crop, aug):
@@ -387,7 +369,7 @@ def parse_args(argv=None):
                         "tools.train runs it (default), or PyTorch's default stream")
     p.add_argument("--priority-ab", action="store_true",
                    help="also run (d) and (h) with decode streams of high priority")
-    p.add_argument("--paths", default="a,b,c,d,e,f,g,h,i,j", help="comma list of the paths a-j to run")
+    p.add_argument("--paths", default="a,b,c,d,e,f,g,h,i", help="comma list of the paths a-g to run")
     p.add_argument("--loader-only", action="store_true", help="(b) vs (c) without a model or GPU")
     p.add_argument("--work", type=Path, default=None, help="folder for the generated data (default: a temp dir)")
     p.add_argument("--json", type=Path, default=None, help="also write all figures to this JSON file")
@@ -421,7 +403,7 @@ def main(argv=None) -> int:
         """One measurement; a failure is reported and recorded, the others still run.
         The warm-up is at least the batches the workers can hold ready (workers x prefetch 4), so
         the timed windows measure the steady rate, not a buffer filled while nothing was timed."""
-        workers = {"b": W, "c": W, "e": HW, "g": HW, "i": HW}.get(path[0], args.raw_workers if path[0] in "dfhj" else 0)
+        workers = {"b": W, "c": W, "e": HW, "g": HW, "i": HW}.get(path[0], args.raw_workers if path[0] in "dfh" else 0)
         warm = max(args.warmup, 4 * workers + 4)
         try:
             record(model, path, *measure(make_source(), step, warm, args.steps, args.repeats,
@@ -499,9 +481,6 @@ def main(argv=None) -> int:
             for t in threads:
                 sources[f"h engine t{t}"] = (lambda t=t: gpu_batches(
                     shards, B, args.raw_workers, C, args.aug, total, decoder="engine", threads=t), None)
-                sources[f"j engine feed t{t}"] = (lambda t=t: fed(dict(
-                    shards=shards, batch=B, workers=args.raw_workers, crop=C, aug=args.aug, total=total,
-                    decoder="engine", threads=t)), None)
             for f in [float(f) for f in args.engine_fractions.split(",") if f]:
                 sources[f"i engine+cpu {f:.2f}"] = (lambda f=f: gpu_batches(
                     shards, B, HW, C, args.aug, total, f, decoder="engine", threads=T), None)

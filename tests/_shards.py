@@ -73,3 +73,17 @@ def write_shards(out_dir, num_classes=6, train_counts=(10, 7, 3), val_counts=(5,
         (out / f"{split}.json").write_text(json.dumps(manifest, indent=2))
         result[f"{split}_total"] = n
     return result
+
+
+def corrupt_sample(shard, index, data=b"<html>not an image</html>"):
+    """Replace the jpg of the shard's `index`-th sample by `data`; returns its key."""
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    key = [m.name for m, _ in members if m.name.endswith(".jpg")][index].split(".")[0]
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for m, blob in members:
+            if m.name == f"{key}.jpg":
+                blob = data
+                m.size = len(blob)
+            tar.addfile(m, io.BytesIO(blob))
+    return key

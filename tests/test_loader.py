@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests._shards import write_shards
+from tests._shards import corrupt_sample, write_shards
 from tools.imagenet import loader as L
 
 TRAIN = [10, 7, 3, 9, 5, 6, 4]  # 44 samples in 7 uneven shards
@@ -131,26 +131,10 @@ def test_missing_manifest_is_a_clear_error(tmp_path):
         L.read_manifest(tmp_path, "train")
 
 
-def _corrupt(shard, index, data=b"<html>not an image</html>"):
-    """Replace the jpg of the shard's `index`-th sample; returns its key."""
-    import io
-    import tarfile
-    with tarfile.open(shard) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    key = [m.name for m, _ in members if m.name.endswith(".jpg")][index].split(".")[0]
-    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for m, blob in members:
-            if m.name == f"{key}.jpg":
-                blob = data
-                m.size = len(blob)
-            tar.addfile(m, io.BytesIO(blob))
-    return key
-
-
 def test_hybrid_batch_hands_an_undecodable_sample_to_the_gpu_path(tmp_path):
     from tools.imagenet import gpu_data as gd
     info = write_shards(tmp_path, train_counts=[8], val_counts=[2])
-    bad = _corrupt(info["dir"] / "train-000000.tar", 3)
+    bad = corrupt_sample(info["dir"] / "train-000000.tar", 3)
     loader = L.train_loader(info["dir"], 8, epoch=1, seed=0, rank=0, world_size=1, workers=0,
                             crop_size=32, decode="gpu", cpu_fraction=1.0)
     raw = next(iter(loader))  # the worker's decode failed: the sample travels undecoded
@@ -181,3 +165,17 @@ def test_gpu_decode_never_pins_raw_bytes(shards, monkeypatch):
     for fraction in (0.0, 0.5):
         assert L.train_loader(shards["dir"], 4, decode="gpu", cpu_fraction=fraction, **kw).pin_memory is False
     assert L.val_loader(shards["dir"], 4, 0, 1, 0, 32, decode="gpu").pin_memory is False
+
+
+def test_starting_a_loader_leaves_the_global_rng_alone(shards):
+    """The model's dropout draws from the global RNG: whether the loader is started in the training
+    thread or elsewhere must not change it (DataLoader would draw its workers' base seed there)."""
+    loader = L.train_loader(shards["dir"], 4, epoch=1, seed=0, rank=0, world_size=1, workers=1,
+                            crop_size=32)
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    it = iter(loader)
+    after = torch.rand(4)
+    assert len(list(it)) == len(loader)  # the workers end before any assertion can fail
+    assert torch.equal(after, expected)

@@ -25,7 +25,6 @@ JPEGs are decoded (nvJPEG) and cropped on the GPU in side streams while the prev
 """
 import argparse
 import copy
-import functools
 import math
 import os
 import platform
@@ -43,11 +42,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from tools.imagenet import checkpoint as ckpt
-from tools.imagenet.distributed import all_reduce, setup, work_stream
+from tools.imagenet.distributed import all_reduce, bind_cpus, setup, work_stream
 from tools.imagenet.distributed import amp_dtype as autocast_dtype
 from tools.imagenet import fsutil
 from tools.imagenet.evaluation import evaluate
-from tools.imagenet.feed import ProcessFeed
 from tools.imagenet import gpu_data
 from tools.imagenet.loader import (IMAGENET_MEAN, IMAGENET_STD, batches_per_epoch, normalize,
                                    read_manifest, resolve_decode, train_loader, val_loader)
@@ -98,10 +96,9 @@ def parse_args(argv=None):
       "(nvImageCodec; needs nvidia-nvimgcodec) or auto (engine where the GPU has one, else nvjpeg)")
     a("--decode-threads", type=int, default=2, help="--decode gpu: host threads decoding and "
       "cropping batches ahead, each with its own CUDA stream")
-    a("--feed", default="process", choices=["process", "thread"], help="--decode gpu: where the "
-      "data pipeline runs. process: a process of its own per rank (fetch, decode and crop threads), "
-      "handing finished batches over by CUDA IPC, so the training loop's Python never waits for "
-      "their GIL; thread: threads of the training process")
+    a("--bind-cpus", default="auto", choices=["auto", "none"], help="auto: with several GPUs "
+      "on the node, each rank (with its threads and loader workers) runs on its own share of the "
+      "CPUs, the block nearest its GPU; none: the OS schedules every process on every CPU")
     a("--shuffle-buffer", type=int, default=1000, help="samples in each loader's shuffle buffer")
     a("--normalize", default="manifest", choices=["manifest", "imagenet"],
       help="mean/std from the train manifest or the usual ImageNet constants")
@@ -293,26 +290,6 @@ def train_epoch(epoch, model, optimizer, schedule, loader, device, mean, std, ar
             "steps_per_rank": [int(s) for s in all_reduce(per_rank).tolist()]}
 
 
-def gpu_train_batches(args, rank, world, device, mean, std, decoder, epoch):
-    """This rank's --decode gpu batches of `epoch`: a GpuBatchPipeline over the raw train loader,
-    (x, y) ready on `device`; the crops are seeded by seed, epoch and rank like the CPU workers'
-    crops. Runs in the training process (--feed thread) or in its data process (--feed process)."""
-    device = torch.device(device)
-    loader = train_loader(args.shards, args.batch_size, epoch, args.seed, rank, world, args.workers,
-                          args.crop_size, args.aug, args.shuffle_buffer, args.epoch_size, decode="gpu",
-                          cpu_fraction=args.cpu_fraction)
-    aug = gpu_data.GpuAugment(args.crop_size, mode=args.aug, mean=mean, std=std,
-                              dtype=autocast_dtype(args.amp, device) or torch.float32,
-                              seed=args.seed * 100003 + epoch * 1009 + rank,
-                              channels_last=args.channels_last)
-    return gpu_data.GpuBatchPipeline(loader, aug, device, threads=args.decode_threads,
-                                     on_failure=bad_samples_log(args.out, rank), decoder=decoder)
-
-
-def bad_samples_log(out, rank):
-    return gpu_data.failure_log(out / "bad_samples.tsv", rank=rank)
-
-
 def sync_buffers(model):
     """Give every rank rank 0's BN statistics, so the ranks validate the same (saved) model."""
     if dist.is_available() and dist.is_initialized():
@@ -433,68 +410,64 @@ def train(args, rank, world, device, stop):
                                                          "versions": versions(world, device)})
 
     amp_dtype = autocast_dtype(args.amp, device)
-    make_batches = None
     local_batch = args.batch_size // world
     decode = resolve_decode(args.decode) if device.type == "cuda" or args.decode != "auto" else "cpu"
+    bad_log = gpu_data.failure_log(out / "bad_samples.tsv", rank=rank)
     # made once here so that a missing hardware decoder fails now, not in a loader thread
     decoder = gpu_data.gpu_decoder(args.gpu_decoder, device).kind if decode == "gpu" else None
     val = val_loader(args.shards, args.val_batch_size or local_batch, rank, world, args.workers,
                      args.crop_size, decode=decode)
     if decode == "gpu":
-        val = gpu_data.val_pipeline(val, device, args.crop_size, mean, std,
-                                    on_failure=bad_samples_log(out, rank), decoder=decoder)
-        make_batches = functools.partial(gpu_train_batches, args, rank, world, str(device), mean,
-                                         std, decoder)
+        val = gpu_data.val_pipeline(val, device, args.crop_size, mean, std, on_failure=bad_log,
+                                    decoder=decoder)
     if rank == 0:
         n = batches_per_epoch(manifest["num_samples"], args.batch_size, args.epoch_size)
         print(f"{args.arch}: {world} rank(s) on {device.type} ({args.parallel}), global batch "
               f"{args.batch_size}, {n} iterations/epoch, epochs {start}-{args.epochs}, decode "
-              f"{decode}{f' ({decoder}, {args.feed} feed)' if decode == 'gpu' else ''}", flush=True)
-    feed = ProcessFeed(make_batches, device) if decode == "gpu" and args.feed == "process" else None
+              f"{decode}{f' ({decoder})' if decoder and device.type == 'cuda' else ''}", flush=True)
+
     metrics = None
-    try:
-        for epoch in range(start, args.epochs + 1):
-            seed_all(args.seed * 100003 + epoch * 1009 + rank)  # dropout etc.: depends on epoch only
-            if feed is not None:
-                loader = feed.epoch(epoch)
-            elif decode == "gpu":
-                loader = make_batches(epoch)
-            else:
-                loader = train_loader(args.shards, args.batch_size, epoch, args.seed, rank, world,
-                                      args.workers, args.crop_size, args.aug, args.shuffle_buffer,
-                                      args.epoch_size, decode=decode, cpu_fraction=args.cpu_fraction)
-            train_metrics = train_epoch(epoch, model, optimizer, schedule, loader, device, mean, std,
-                                        args, rank, world, stop, log)
-            if train_metrics is None:
-                if rank == 0:
-                    print(f"interrupted in epoch {epoch}; resume with --resume (restarts epoch "
-                          f"{epoch})", file=sys.stderr, flush=True)
-                return INTERRUPTED
-            model_state, optimizer_state = plain_state(model, raw, optimizer)
-            if isinstance(model, OWTModel):
-                val_model.load_state_dict(model_state)
-            v = run_validation(val_model, val, device, mean, std, amp_dtype, args.channels_last)
-            counts = torch.zeros(world, dtype=torch.float64, device=device)
-            counts[rank] = val.num_samples
-            metrics = {"kind": "epoch", "epoch": epoch, **train_metrics, "val_loss": v["loss"],
-                       "val_top1_err": v["top1_err"], "val_top5_err": v["top5_err"],
-                       "val_count": v["count"],
-                       "val_count_per_rank": [int(c) for c in all_reduce(counts).tolist()]}
+    for epoch in range(start, args.epochs + 1):
+        seed_all(args.seed * 100003 + epoch * 1009 + rank)  # dropout etc.: depends on epoch only
+        loader = train_loader(args.shards, args.batch_size, epoch, args.seed, rank, world,
+                              args.workers, args.crop_size, args.aug, args.shuffle_buffer,
+                              args.epoch_size, decode=decode, cpu_fraction=args.cpu_fraction)
+        if decode == "gpu":  # crops seeded by seed, epoch and rank, like the CPU workers' crops
+            aug = gpu_data.GpuAugment(args.crop_size, mode=args.aug, mean=mean, std=std,
+                                      dtype=amp_dtype or torch.float32,
+                                      seed=args.seed * 100003 + epoch * 1009 + rank,
+                                      channels_last=args.channels_last)
+            loader = gpu_data.GpuBatchPipeline(loader, aug, device, threads=args.decode_threads,
+                                               on_failure=bad_log, decoder=decoder)
+        train_metrics = train_epoch(epoch, model, optimizer, schedule, loader, device, mean, std,
+                                    args, rank, world, stop, log)
+        if train_metrics is None:
             if rank == 0:
-                path = ckpt.checkpoint_path(out, epoch)
-                ckpt.save(path, checkpoint_dict(model_state, optimizer_state, schedule, args, manifest,
-                                                mean, std, epoch, metrics))
-                ckpt.prune(out, args.keep_checkpoints)
-                log.write(metrics)
-                write_epoch_logs(out, log.records())
-                plot_curves(out / "curves.png", log.records())
-                print(f"epoch {epoch}: train loss {metrics['train_loss']:.4f} top1-err "
-                      f"{metrics['train_top1_err']:.2f}% | val loss {v['loss']:.4f} top1-err "
-                      f"{v['top1_err']:.2f}% top5-err {v['top5_err']:.2f}% ({v['count']} images) "
-                      f"| {metrics['images_per_s']:,.0f} img/s", flush=True)
-    finally:
-        if feed is not None:
-            feed.close()
+                print(f"interrupted in epoch {epoch}; resume with --resume (restarts epoch "
+                      f"{epoch})", file=sys.stderr, flush=True)
+            return INTERRUPTED
+        model_state, optimizer_state = plain_state(model, raw, optimizer)
+        if isinstance(model, OWTModel):
+            val_model.load_state_dict(model_state)
+        v = run_validation(val_model, val, device, mean, std, amp_dtype, args.channels_last)
+        counts = torch.zeros(world, dtype=torch.float64, device=device)
+        counts[rank] = val.num_samples
+        metrics = {"kind": "epoch", "epoch": epoch, **train_metrics, "val_loss": v["loss"],
+                   "val_top1_err": v["top1_err"], "val_top5_err": v["top5_err"],
+                   "val_count": v["count"],
+                   "val_count_per_rank": [int(c) for c in all_reduce(counts).tolist()]}
+        if rank == 0:
+            path = ckpt.checkpoint_path(out, epoch)
+            ckpt.save(path, checkpoint_dict(model_state, optimizer_state, schedule, args, manifest,
+                                            mean, std, epoch, metrics))
+            ckpt.prune(out, args.keep_checkpoints)
+            log.write(metrics)
+            write_epoch_logs(out, log.records())
+            plot_curves(out / "curves.png", log.records())
+            print(f"epoch {epoch}: train loss {metrics['train_loss']:.4f} top1-err "
+                  f"{metrics['train_top1_err']:.2f}% | val loss {v['loss']:.4f} top1-err "
+                  f"{v['top1_err']:.2f}% top5-err {v['top5_err']:.2f}% ({v['count']} images) "
+                  f"| {metrics['images_per_s']:,.0f} img/s", flush=True)
 
     if rank == 0:
         last = ckpt.latest(out)
@@ -512,6 +485,9 @@ def train(args, rank, world, device, stop):
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup(args.device)
+    cpus = bind_cpus(device, args.bind_cpus)
+    if cpus:
+        print(f"rank {rank}: {device} with CPUs {cpus[0]}-{cpus[-1]} ({len(cpus)})", flush=True)
     try:
         with StopFlag() as stop, work_stream(device):
             return train(args, rank, world, device, stop)
