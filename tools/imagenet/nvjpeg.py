@@ -23,6 +23,7 @@ import collections
 import ctypes
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -33,6 +34,7 @@ _BACKEND_HARDWARE = 3
 _OUTPUT_RGB = 3
 _STATUS_ARCH_MISMATCH = 8
 _MAX_COMPONENT = 4
+_DECODE_LOCK = threading.Lock()
 _LIB_NAMES = ("libnvjpeg.so.13", "libnvjpeg.so.12", "libnvjpeg.so.11", "libnvjpeg.so")
 
 
@@ -200,15 +202,19 @@ class NvjpegDecoder:
         sources = (staging.data_ptr() + offsets[take] - first).astype(np.uint64)
         source_lengths = lengths[take].astype(np.uint64)
         stream = torch.cuda.current_stream(self.device)
-        if self._batch != len(take):
-            self._check(self._lib.nvjpegDecodeBatchedInitialize(self._handle, self._state, len(take), 1,
-                                                                _OUTPUT_RGB),
-                        "nvjpegDecodeBatchedInitialize")
-            self._batch = len(take)
-        self._check(self._lib.nvjpegDecodeBatched(self._handle, self._state, sources.ctypes.data,
-                                                  source_lengths.ctypes.data, table.ctypes.data,
-                                                  ctypes.c_void_p(stream.cuda_stream)),
-                    "nvjpegDecodeBatched")
+        # One batched decode at a time per process, as torchvision does: decoders of two threads
+        # decoding at once beside a running step hung inside nvjpegDecodeBatched (a probe, and once a
+        # 2-GPU training run; bench/NOTES-gpu.md phase 5). The call only queues work on the engines.
+        with _DECODE_LOCK:
+            if self._batch != len(take):
+                self._check(self._lib.nvjpegDecodeBatchedInitialize(self._handle, self._state, len(take), 1,
+                                                                    _OUTPUT_RGB),
+                            "nvjpegDecodeBatchedInitialize")
+                self._batch = len(take)
+            self._check(self._lib.nvjpegDecodeBatched(self._handle, self._state, sources.ctypes.data,
+                                                      source_lengths.ctypes.data, table.ctypes.data,
+                                                      ctypes.c_void_p(stream.cuda_stream)),
+                        "nvjpegDecodeBatched")
         t3 = time.perf_counter()
         for key, seconds in (("probe", t1 - t0), ("copy", t2 - t1), ("decode", t3 - t2), ("batches", 1)):
             self.seconds[key] += seconds
