@@ -43,7 +43,7 @@ def workflow_config(args):
                   "batch_size": args.batch_per_gpu * args.gpus, "epochs": args.epochs, "amp": "bf16",
                   "channels_last": True, "compile": False, "log_every": 10, "schedule": "regime",
                   "decode": args.decode, "cpu_fraction": args.cpu_fraction, "gpu_decoder": args.gpu_decoder,
-                  "decode_threads": args.decode_threads, "bind_cpus": args.bind_cpus},
+                  "decode_threads": args.decode_threads},
         "evaluate": {"batch_size": args.batch_per_gpu, "workers": args.workers_per_gpu, "decode": args.decode,
                      "gpu_decoder": args.gpu_decoder},
     }
@@ -75,8 +75,6 @@ def main(argv=None):
     p.add_argument("--cpu-fraction", type=float, default=0.0, help="hybrid share decoded by CPU workers")
     p.add_argument("--gpu-decoder", default="auto", help="train/evaluate GPU decoder (auto, engine, nvjpeg, hardware)")
     p.add_argument("--decode-threads", type=int, default=2, help="train decode threads")
-    p.add_argument("--bind-cpus", default="auto", choices=["auto", "none"],
-                   help="train: each rank on its own block of CPUs (auto) or not")
     p.add_argument("--skip-workflow", action="store_true", help="only the synthetic ceilings")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="cpu: a smoke test of the workflow part on a machine without GPU (no ceilings)")

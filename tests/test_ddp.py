@@ -89,37 +89,3 @@ def test_two_nodes_on_localhost(tmp_path):
     (epoch,) = _epochs(out)
     assert epoch["steps_per_rank"] == [11 // 4] * 2 and epoch["val_count"] == 7
     assert json.loads((out / "final.json").read_text())["checkpoint"].endswith("model_001.pt")
-
-
-def test_cpu_blocks_per_rank_cover_every_cpu_once_near_each_gpu():
-    from tools.imagenet.distributed import parse_cpulist, rank_cpus
-    assert parse_cpulist("0-3,8,10-11\n") == [0, 1, 2, 3, 8, 10, 11]
-    cpus = set(range(32))
-    blocks = [rank_cpus(cpus, r, 2) for r in range(2)]
-    assert blocks == [list(range(16)), list(range(16, 32))]
-    # GPU 0 on the second socket's NUMA node: rank 0 takes the block near it
-    near = [set(range(16, 32)), set(range(16))]
-    assert [rank_cpus(cpus, r, 2, near) for r in range(2)] == [list(range(16, 32)), list(range(16))]
-    # both GPUs near the same node: they still split all the cores (workers need them)
-    same = [set(range(16)), set(range(16))]
-    got = [rank_cpus(cpus, r, 2, same) for r in range(2)]
-    assert sorted(got[0] + got[1]) == list(range(32)) and got[0] == list(range(16))
-    odd = [rank_cpus(range(10), r, 3) for r in range(3)]
-    assert odd == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
-    assert rank_cpus([0, 1], 2, 4) == [0, 1]  # more ranks than CPUs: no pinning to nothing
-
-
-def test_bind_cpus_pins_every_thread_of_a_rank_and_only_with_several_gpus(monkeypatch):
-    from tools.imagenet import distributed as D
-    calls = {}
-    monkeypatch.setattr(D.os, "sched_getaffinity", lambda pid: set(range(8)))
-    monkeypatch.setattr(D.os, "sched_setaffinity", lambda tid, cpus: calls.__setitem__(tid, list(cpus)))
-    monkeypatch.setattr(D, "gpu_local_cpus", lambda index: None)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert D.bind_cpus(torch.device("cpu")) is None and not calls
-    assert D.bind_cpus(torch.device("cuda", 1), "none") is None and not calls
-    assert D.bind_cpus(torch.device("cuda", 1)) == [4, 5, 6, 7]
-    assert os.getpid() in calls and all(cpus == [4, 5, 6, 7] for cpus in calls.values())
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    calls.clear()
-    assert D.bind_cpus(torch.device("cuda", 0)) is None and not calls

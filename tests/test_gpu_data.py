@@ -338,6 +338,60 @@ def test_engine_decoder_matches_nvjpeg_and_falls_back():
     assert all(torch.equal(a, b) for a, b in zip(ref, batch.images()[:6]))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_engine_decoders_of_two_threads_never_decode_at_once():
+    """Two threads' engine decoders take turns in nvjpegDecodeBatched (decoding at once beside a
+    step hung there): the pipeline's decode threads share the engines through one lock."""
+    import threading
+    import time
+    try:
+        decoders = [gd.gpu_decoder("engine", "cuda") for _ in range(2)]
+    except RuntimeError as exc:
+        pytest.skip(f"no hardware JPEG decoder: {exc}")
+    inside, peak, calls = [0], [0], [0]
+    count = threading.Lock()
+
+    class Probe:  # the library, with its batched decode timed and counted
+        def __init__(self, lib):
+            self.lib = lib
+
+        def __getattr__(self, name):
+            fn = getattr(self.lib, name)
+            if name != "nvjpegDecodeBatched":
+                return fn
+
+            def decode(*args):
+                with count:
+                    inside[0] += 1
+                    peak[0], calls[0] = max(peak[0], inside[0]), calls[0] + 1
+                time.sleep(0.005)
+                try:
+                    return fn(*args)
+                finally:
+                    with count:
+                        inside[0] -= 1
+            return decode
+
+    for d in decoders:
+        d._lib = Probe(d._lib)
+    photos = [_encode("jpeg", w=64 + 8 * i, h=48 + 4 * i) for i in range(8)]
+    data, offsets = gd.pack_jpegs(photos)
+
+    def work(decoder):
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            for _ in range(20):
+                decoder.decode_packed(data, offsets.numpy())
+        stream.synchronize()
+
+    threads = [threading.Thread(target=work, args=(d,)) for d in decoders]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls[0] == 40 and peak[0] == 1
+
+
 def test_pipeline_drops_and_reports_bad_images_keeping_labels_aligned():
     colors = [(250, 10, 10), (10, 250, 10), (10, 10, 250), (0, 0, 0), (128, 128, 128)]
     blobs = [_encode(k, w=80, h=72, color=c) for k, c in zip(KINDS, colors)]

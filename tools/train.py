@@ -42,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from tools.imagenet import checkpoint as ckpt
-from tools.imagenet.distributed import all_reduce, bind_cpus, setup, work_stream
+from tools.imagenet.distributed import all_reduce, setup, work_stream
 from tools.imagenet.distributed import amp_dtype as autocast_dtype
 from tools.imagenet import fsutil
 from tools.imagenet.evaluation import evaluate
@@ -96,9 +96,6 @@ def parse_args(argv=None):
       "(nvImageCodec; needs nvidia-nvimgcodec) or auto (engine where the GPU has one, else nvjpeg)")
     a("--decode-threads", type=int, default=2, help="--decode gpu: host threads decoding and "
       "cropping batches ahead, each with its own CUDA stream")
-    a("--bind-cpus", default="auto", choices=["auto", "none"], help="auto: with several GPUs "
-      "on the node, each rank (with its threads and loader workers) runs on its own share of the "
-      "CPUs, the block nearest its GPU; none: the OS schedules every process on every CPU")
     a("--shuffle-buffer", type=int, default=1000, help="samples in each loader's shuffle buffer")
     a("--normalize", default="manifest", choices=["manifest", "imagenet"],
       help="mean/std from the train manifest or the usual ImageNet constants")
@@ -485,9 +482,6 @@ def train(args, rank, world, device, stop):
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup(args.device)
-    cpus = bind_cpus(device, args.bind_cpus)
-    if cpus:
-        print(f"rank {rank}: {device} with CPUs {cpus[0]}-{cpus[-1]} ({len(cpus)})", flush=True)
     try:
         with StopFlag() as stop, work_stream(device):
             return train(args, rank, world, device, stop)

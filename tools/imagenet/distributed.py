@@ -23,62 +23,6 @@ def setup(device_name="auto"):
     return rank, world, device
 
 
-def parse_cpulist(text):
-    """'0-3,8,10-11' (Linux cpulist format) -> [0, 1, 2, 3, 8, 10, 11]."""
-    cpus = []
-    for part in text.strip().split(","):
-        if part:
-            low, _, high = part.partition("-")
-            cpus += range(int(low), int(high or low) + 1)
-    return cpus
-
-
-def gpu_local_cpus(index):
-    """The CPUs on GPU `index`'s NUMA node (from sysfs), or None where that is not known."""
-    try:
-        p = torch.cuda.get_device_properties(index)
-        path = f"/sys/bus/pci/devices/{p.pci_domain_id:04x}:{p.pci_bus_id:02x}:{p.pci_device_id:02x}.0/local_cpulist"
-        with open(path) as f:
-            return set(parse_cpulist(f.read()))
-    except (AttributeError, OSError, ValueError, RuntimeError):
-        return None
-
-
-def rank_cpus(allowed, local_rank, local_world, near=None):
-    """This rank's share of the `allowed` CPUs: one contiguous block per local rank (all of them
-    used: the loader workers need the cores), each rank taking, in rank order, the free block with
-    the most CPUs near its GPU (`near[r]`: a set, or None where unknown)."""
-    allowed = sorted(allowed)
-    size = len(allowed) // local_world
-    if size == 0:
-        return allowed
-    blocks = [allowed[i * size:(i + 1) * size] for i in range(local_world)]
-    blocks[-1] += allowed[local_world * size:]
-    free = list(range(local_world))
-    for r in range(local_rank + 1):
-        local = (near[r] if near else None) or set()
-        best = max(free, key=lambda b: (len(local.intersection(blocks[b])), -b))
-        free.remove(best)
-    return blocks[best]
-
-
-def bind_cpus(device, mode="auto"):
-    """auto: with several GPU ranks on this node (torchrun), pin this process, its threads and its
-    future loader workers to this rank's share of the CPUs (rank_cpus), so ranks do not take each
-    other's cores. Returns the CPUs, or None when nothing was pinned."""
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    if mode == "none" or device.type != "cuda" or local_world < 2 or not hasattr(os, "sched_setaffinity"):
-        return None
-    near = [gpu_local_cpus(i) for i in range(local_world)]
-    cpus = rank_cpus(os.sched_getaffinity(0), device.index or 0, local_world, near)
-    for tid in os.listdir("/proc/self/task"):  # threads already started (CUDA's, torch's) too
-        try:
-            os.sched_setaffinity(int(tid), cpus)
-        except OSError:  # a thread that ended meanwhile
-            pass
-    return cpus
-
-
 def work_stream(device):
     """Context for a process's GPU work: a CUDA stream of its own, not PyTorch's default stream.
 
