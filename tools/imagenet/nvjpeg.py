@@ -6,14 +6,15 @@
     flat, ok, sizes, starts = decode.decode_packed(data, offsets)   # the same from a packed batch
 
 Why not torchvision's decode_jpeg(list, device="cuda"), which drives the same engines (nvJPEG's
-hardware backend on A100/H100/H200): it decodes one batch at a time per process (a global lock), on
-its own stream, and waits on the host for each batch to finish; and a list of tensors in and out
-costs a few Python-level operations per image, each of which gives up the GIL and waits to get it
-back from the training loop (bench/NOTES-gpu.md, phase 4). Here each decoder has its own nvJPEG
-state, takes a packed batch (one buffer, offsets) and returns one buffer plus numpy arrays, orders
-its work with the caller's stream and returns without waiting for the GPU. nvJPEG's internal
-streams are blocking streams: keep the work that consumes the images off PyTorch's default stream
-(tools.imagenet.distributed.work_stream), or the two wait on each other.
+hardware backend on A100/H100/H200): it holds a process-wide lock for the whole batch, on its own
+stream, and waits on the host for the batch to finish; and a list of tensors in and out costs a few
+Python-level operations per image, each of which gives up the GIL and waits to get it back from the
+training loop (bench/NOTES-gpu.md, phase 4). Here each decoder has its own nvJPEG state, takes a
+packed batch (one buffer, offsets) and returns one buffer plus numpy arrays, orders its work with
+the caller's stream and returns without waiting for the GPU; the decoders of a process take turns
+only for the call that hands a batch to the engines (phase 5: two at once hung in it). nvJPEG's
+internal streams are blocking streams: keep the work that consumes the images off PyTorch's default
+stream (tools.imagenet.distributed.work_stream), or the two wait on each other.
 
 The whole batch lands in one device buffer (planar RGB, image after image); each image is a view of
 it. Images the batched hardware decode does not take (progressive, CMYK, 12-bit, not a JPEG ...)
