@@ -351,7 +351,7 @@ def test_engine_decoders_of_two_threads_never_decode_at_once():
     inside, peak, calls = [0], [0], [0]
     count = threading.Lock()
 
-    class Probe:  # the library, with its batched decode timed and counted
+    class Probe:  # the library, its batched decode call slowed down and counted
         def __init__(self, lib):
             self.lib = lib
 

@@ -203,9 +203,10 @@ class NvjpegDecoder:
         sources = (staging.data_ptr() + offsets[take] - first).astype(np.uint64)
         source_lengths = lengths[take].astype(np.uint64)
         stream = torch.cuda.current_stream(self.device)
-        # One batched decode at a time per process, as torchvision does: decoders of two threads
-        # decoding at once beside a running step hung inside nvjpegDecodeBatched (a probe, and once a
-        # 2-GPU training run; bench/NOTES-gpu.md phase 5). The call only queues work on the engines.
+        # One batched decode call at a time per process, as torchvision does: two threads' decoders
+        # in this call at once beside a running step hung in it (bench/probe_engine.py; a 2-GPU
+        # training run hung too, where was not caught: NOTES-gpu.md phase 5). The call only queues
+        # the batch on the engines; the decoding itself still overlaps.
         with _DECODE_LOCK:
             if self._batch != len(take):
                 self._check(self._lib.nvjpegDecodeBatchedInitialize(self._handle, self._state, len(take), 1,
