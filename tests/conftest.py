@@ -1,7 +1,6 @@
 """Shared fixtures: one mini ImageNet (with the real archives' quirks) built by the project's own
 generator and pushed through the stages once per test session, so each test file starts from it."""
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
