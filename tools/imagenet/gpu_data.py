@@ -269,6 +269,16 @@ def _cpu_decode(blob):
         return pil_decode(blob)
 
 
+def _fallback(blob, key, device, failures):
+    """The CPU decode of one image the GPU decoder did not take, on `device`; None, with (key,
+    reason) appended to failures, when nothing decodes it."""
+    try:
+        return _cpu_decode(blob).to(device, non_blocking=True)
+    except Exception as exc:
+        failures.append((key, f"cannot decode: {type(exc).__name__}: {exc}"))
+        return None
+
+
 def decode_jpegs(blobs, device, keys=None, decoder=None):
     """Decode a batch. Returns (images, failures): images is aligned with blobs (uint8 3xHxW on
     `device`, None where nothing could decode it), failures a list of (key, reason).
@@ -283,10 +293,7 @@ def decode_jpegs(blobs, device, keys=None, decoder=None):
     images, failures = [None] * len(tensors), []
 
     def fallback(i):
-        try:
-            images[i] = _cpu_decode(tensors[i]).to(device, non_blocking=True)
-        except Exception as exc:
-            failures.append((keys[i], f"cannot decode: {type(exc).__name__}: {exc}"))
+        images[i] = _fallback(tensors[i], keys[i], device, failures)
 
     if device.type != "cuda" and decoder is None:
         for i in range(len(tensors)):
@@ -371,10 +378,8 @@ def decode_packed(data, offsets, keys, device, decoder, frames=None):
         rows[ok] = np.stack([flat.data_ptr() + starts[ok], h, w, w, np.ones_like(w), h * w], 1)
     kept, extra, failures = ok.copy(), {}, []
     for i in np.flatnonzero(~ok).tolist():
-        try:
-            image = _cpu_decode(data[int(offsets[i]):int(offsets[i + 1])]).to(device, non_blocking=True)
-        except Exception as exc:
-            failures.append((keys[i], f"cannot decode: {type(exc).__name__}: {exc}"))
+        image = _fallback(data[int(offsets[i]):int(offsets[i + 1])], keys[i], device, failures)
+        if image is None:
             continue
         extra[i] = image
         rows[i] = _row(image)
