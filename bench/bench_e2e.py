@@ -50,12 +50,21 @@ def workflow_config(args):
 
 
 def train_rate(run_dir):
-    """Median images/s and data-wait share of the last epoch's log intervals (first dropped)."""
+    """Of the last epoch's log intervals (first dropped): median images/s, rank 0's median
+    data-wait share, and per rank the median data-wait share and GPU busy share."""
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in recs if r.get("kind") == "train"]
     last = [r for r in train if r["epoch"] == train[-1]["epoch"]][1:] or train[-1:]
+
+    def per_rank(key):
+        ranks = len(last[0].get(key, []))
+        return [statistics.median(r[key][i] for r in last) for i in range(ranks)]
+
     return (statistics.median(r["images_per_s"] for r in last),
-            statistics.median(r.get("data_share", 0.0) for r in last))
+            statistics.median(r.get("data_share", 0.0) for r in last),
+            {"data_share_ranks": per_rank("data_share_ranks"),
+             "gpu_busy_ranks": per_rank("gpu_busy_ranks"),
+             "images_per_s_intervals": [round(r["images_per_s"]) for r in last]})
 
 
 def main(argv=None):
@@ -76,6 +85,8 @@ def main(argv=None):
     p.add_argument("--gpu-decoder", default="auto", help="train/evaluate GPU decoder (auto, engine, nvjpeg, hardware)")
     p.add_argument("--decode-threads", type=int, default=2, help="train decode threads")
     p.add_argument("--skip-workflow", action="store_true", help="only the synthetic ceilings")
+    p.add_argument("--skip-ceiling", action="store_true", help="only the workflow (e.g. variants "
+                   "of a run whose ceiling was measured before in the same call)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="cpu: a smoke test of the workflow part on a machine without GPU (no ceilings)")
     args = p.parse_args(argv)
@@ -97,7 +108,7 @@ def main(argv=None):
             stage_times[f"evaluate_{model}"] = run([*snakemake, f"evaluate_{model}", "--configfile", config_path])
 
     ceilings = {}
-    for model in models if args.device == "cuda" else []:
+    for model in models if args.device == "cuda" and not args.skip_ceiling else []:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", args.gpus]
         out = subprocess.run(list(map(str, [*launcher, "bench/ceiling.py", "--arch", arch[model],
                                             "--batch", args.batch_per_gpu])),
@@ -110,7 +121,7 @@ def main(argv=None):
                "ceiling_train": c["train_images_per_s"], "ceiling_infer_per_gpu": c["infer_images_per_s_per_gpu"]}
         run_dir = args.work / "work/runs" / model
         if (run_dir / "metrics.jsonl").exists():
-            row["train"], row["data_share"] = train_rate(run_dir)
+            row["train"], row["data_share"], row["ranks"] = train_rate(run_dir)
             ev = json.loads((run_dir / "eval.json").read_text())
             row["eval"] = ev["count"] / ev["seconds"]
             row["val_top1_err"] = ev["top1_error"]
@@ -127,6 +138,12 @@ def main(argv=None):
         print(f"{r['model']:24s} {r['gpus']:4d} {train:9,.0f} {r['ceiling_train']:9,.0f} "
               f"{train / r['ceiling_train']:6.0%} {r.get('data_share', float('nan')):5.0%} {eval_rate:9,.0f} "
               f"{r['ceiling_infer_per_gpu']:14,.0f} {r.get('val_top1_err', float('nan')):11.2f}%")
+    for r in rows:
+        if r.get("ranks"):
+            print(f"{r['model']}: per rank median data wait "
+                  f"{', '.join(f'{v:.0%}' for v in r['ranks']['data_share_ranks'])}; GPU busy in steps "
+                  f"{', '.join(f'{v:.0%}' for v in r['ranks']['gpu_busy_ranks'])}; intervals "
+                  f"{r['ranks']['images_per_s_intervals']}")
     (args.work / "bench_e2e.json").write_text(json.dumps({"rows": rows, "stages": stage_times}, indent=2))
     return 0
 

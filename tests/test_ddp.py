@@ -50,6 +50,13 @@ def test_two_ranks_equal_steps_and_val_once(tmp_path):
         assert r["val_count"] == info["val_total"] == 18
         assert sum(r["val_count_per_rank"]) == 18
     assert json.loads((out / "settings.json").read_text())["versions"]["world_size"] == 2
+    # every log line carries each rank's data wait: a rank starved of data stalls both
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["kind"] == "train"]
+    assert train_records and all(len(r["data_share_ranks"]) == len(r["gpu_busy_ranks"]) == 2
+                                 for r in train_records)
+    assert all(0 <= v <= 1 for r in train_records for v in r["data_share_ranks"])
+    assert any(v > 0 for r in train_records for v in r["data_share_ranks"])
 
     # The 2-rank validation equals a single-process one of the saved checkpoint.
     state = ckpt.load(out / "model_002.pt")

@@ -151,3 +151,23 @@ def test_trains_on_the_shard_stage_output(mini_shards, tmp_path):
     assert final["val_count"] == val["num_samples"] and final["steps_per_rank"] == [3]
     state = ckpt.load(out / "model_001.pt")
     assert state["classes"] == val["classes"] and state["resize_size"] == 72
+
+
+def test_gpu_step_timer():
+    cpu = train.GpuStepTimer(torch.device("cpu"))
+    cpu.start(), cpu.stop()
+    assert cpu.seconds() == 0.0
+    if not torch.cuda.is_available():
+        return
+    timer = train.GpuStepTimer(torch.device("cuda"))
+    for _ in range(2):
+        timer.start()
+        torch.cuda._sleep(50_000_000)  # tens of ms of GPU time, none of host time
+        timer.stop()
+        torch.cuda._sleep(50_000_000)  # between steps: not counted
+    one_sleep = timer.seconds() / 2
+    timer.start()
+    torch.cuda._sleep(50_000_000)
+    timer.stop()
+    assert timer.seconds() == pytest.approx(one_sleep, rel=0.2) and one_sleep > 0.005
+    assert timer.seconds() == 0.0  # read and reset

@@ -217,6 +217,37 @@ class StopFlag:
             signal.signal(signal.SIGTERM, self.previous)
 
 
+class GpuStepTimer:
+    """GPU seconds the current stream spends inside training steps, from CUDA events (no host
+    sync until read). With the interval's wall time it tells a GPU that waits (for data, the host
+    or another rank: a gap before its steps) from one that computes; off a GPU it reads 0."""
+
+    def __init__(self, device):
+        self.cuda, self.spans = device.type == "cuda", []
+
+    def _event(self):
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def start(self):
+        if self.cuda:
+            self.spans.append([self._event(), None])
+
+    def stop(self):
+        if self.cuda:
+            self.spans[-1][1] = self._event()
+
+    def seconds(self):
+        """The steps' GPU time since the last call; waits for the last step to finish."""
+        if not self.spans:
+            return 0.0
+        self.spans[-1][1].synchronize()
+        total = sum(a.elapsed_time(b) for a, b in self.spans) / 1000
+        self.spans.clear()
+        return total
+
+
 def train_epoch(epoch, model, optimizer, schedule, loader, device, mean, std, args, rank, world,
                 stop, log):
     """One epoch; returns the epoch's global train numbers or None when interrupted."""
@@ -224,7 +255,9 @@ def train_epoch(epoch, model, optimizer, schedule, loader, device, mean, std, ar
     n = len(loader)
     lr = schedule.apply(optimizer, epoch)
     model.train()
-    interval = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top1, top5, count, stop
+    # loss, top1, top5, count, stop, then per rank: data wait (s), GPU step time (s)
+    interval = torch.zeros(5 + 2 * world, dtype=torch.float64, device=device)
+    gpu_steps = GpuStepTimer(device)
     total = torch.zeros(4, dtype=torch.float64)
     t_epoch = t_interval = time.perf_counter()
     data_wait, it_start, steps, seen = 0.0, 1, 0, 0
@@ -233,6 +266,7 @@ def train_epoch(epoch, model, optimizer, schedule, loader, device, mean, std, ar
     for it, (x, y) in enumerate(loader, 1):
         data_wait += time.perf_counter() - t_data
         x, y = prepare(x, device, mean, std, args.channels_last), y.to(device, non_blocking=True)
+        gpu_steps.start()
         if schedule.per_step:
             lr = schedule.apply(optimizer, epoch, (it - 1) / n)
         with autocast(device, amp_dtype):
@@ -241,6 +275,7 @@ def train_epoch(epoch, model, optimizer, schedule, loader, device, mean, std, ar
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        gpu_steps.stop()
         steps += 1
         top1, top5 = topk_correct(logits.detach(), y)
         # Accumulate on the device: no host sync per step (a new device tensor would be one).
@@ -252,7 +287,9 @@ def train_epoch(epoch, model, optimizer, schedule, loader, device, mean, std, ar
         if it % args.log_every == 0 or it == n or (world == 1 and stop.set):
             # One collective per interval: global metrics, and every rank agrees on NaN/stop.
             interval[3], interval[4] = float(seen), float(stop.set)
-            loss_sum, c1, c5, count, stopping = all_reduce(interval).tolist()
+            interval[5 + rank], interval[5 + world + rank] = data_wait, gpu_steps.seconds()
+            reduced = all_reduce(interval).tolist()
+            loss_sum, c1, c5, count, stopping = reduced[:5]
             if not math.isfinite(loss_sum):
                 bar.close()
                 raise Diverged(f"loss is {loss_sum / count} at epoch {epoch}, iteration {it}/{n} "
@@ -263,7 +300,11 @@ def train_epoch(epoch, model, optimizer, schedule, loader, device, mean, std, ar
             rec = {"kind": "train", "epoch": epoch, "iteration": it, "iterations": n,
                    "loss": loss_sum / count, "top1_err": 100 * (1 - c1 / count),
                    "top5_err": 100 * (1 - c5 / count), "lr": lr,
-                   "images_per_s": count / elapsed, "data_share": min(1.0, data_wait / elapsed)}
+                   "images_per_s": count / elapsed, "data_share": min(1.0, data_wait / elapsed),
+                   # per rank: a rank that waits on its data stalls them all at the next
+                   # collective; gpu_busy well under 1 on every rank means host or data bound
+                   "data_share_ranks": [min(1.0, w / elapsed) for w in reduced[5:5 + world]],
+                   "gpu_busy_ranks": [min(1.0, g / elapsed) for g in reduced[5 + world:]]}
             if rank == 0:
                 log.write(rec)
                 tqdm.write(format_line(epoch, it, n, rec["loss"], rec["top1_err"],
