@@ -64,6 +64,7 @@ def train_rate(run_dir):
             statistics.median(r.get("data_share", 0.0) for r in last),
             {"data_share_ranks": per_rank("data_share_ranks"),
              "gpu_busy_ranks": per_rank("gpu_busy_ranks"),
+             "step_host_ranks": per_rank("step_host_ranks"),
              "images_per_s_intervals": [round(r["images_per_s"]) for r in last]})
 
 
@@ -142,7 +143,8 @@ def main(argv=None):
         if r.get("ranks"):
             print(f"{r['model']}: per rank median data wait "
                   f"{', '.join(f'{v:.0%}' for v in r['ranks']['data_share_ranks'])}; GPU busy in steps "
-                  f"{', '.join(f'{v:.0%}' for v in r['ranks']['gpu_busy_ranks'])}; intervals "
+                  f"{', '.join(f'{v:.0%}' for v in r['ranks']['gpu_busy_ranks'])}; host issuing steps "
+                  f"{', '.join(f'{v:.0%}' for v in r['ranks']['step_host_ranks'])}; intervals "
                   f"{r['ranks']['images_per_s_intervals']}")
     (args.work / "bench_e2e.json").write_text(json.dumps({"rows": rows, "stages": stage_times}, indent=2))
     return 0

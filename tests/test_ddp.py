@@ -53,10 +53,12 @@ def test_two_ranks_equal_steps_and_val_once(tmp_path):
     # every log line carries each rank's data wait: a rank starved of data stalls both
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if r["kind"] == "train"]
-    assert train_records and all(len(r["data_share_ranks"]) == len(r["gpu_busy_ranks"]) == 2
+    assert train_records and all(len(r["data_share_ranks"]) == len(r["gpu_busy_ranks"])
+                                 == len(r["step_host_ranks"]) == 2
                                  for r in train_records)
     assert all(0 <= v <= 1 for r in train_records for v in r["data_share_ranks"])
     assert any(v > 0 for r in train_records for v in r["data_share_ranks"])
+    assert all(v > 0 for r in train_records for v in r["step_host_ranks"])
 
     # The 2-rank validation equals a single-process one of the saved checkpoint.
     state = ckpt.load(out / "model_002.pt")

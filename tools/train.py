@@ -255,18 +255,20 @@ def train_epoch(epoch, model, optimizer, schedule, loader, device, mean, std, ar
     n = len(loader)
     lr = schedule.apply(optimizer, epoch)
     model.train()
-    # loss, top1, top5, count, stop, then per rank: data wait (s), GPU step time (s)
-    interval = torch.zeros(5 + 2 * world, dtype=torch.float64, device=device)
+    # loss, top1, top5, count, stop, then per rank: data wait, host time in steps, GPU time in
+    # steps (seconds)
+    interval = torch.zeros(5 + 3 * world, dtype=torch.float64, device=device)
     gpu_steps = GpuStepTimer(device)
     total = torch.zeros(4, dtype=torch.float64)
     t_epoch = t_interval = time.perf_counter()
-    data_wait, it_start, steps, seen = 0.0, 1, 0, 0
+    data_wait, step_host, it_start, steps, seen = 0.0, 0.0, 1, 0, 0
     bar = tqdm(total=n, desc=f"epoch {epoch}", disable=rank != 0, leave=False, file=sys.stderr)
     t_data = time.perf_counter()
     for it, (x, y) in enumerate(loader, 1):
         data_wait += time.perf_counter() - t_data
         x, y = prepare(x, device, mean, std, args.channels_last), y.to(device, non_blocking=True)
         gpu_steps.start()
+        t_step = time.perf_counter()
         if schedule.per_step:
             lr = schedule.apply(optimizer, epoch, (it - 1) / n)
         with autocast(device, amp_dtype):
@@ -276,6 +278,7 @@ def train_epoch(epoch, model, optimizer, schedule, loader, device, mean, std, ar
         loss.backward()
         optimizer.step()
         gpu_steps.stop()
+        step_host += time.perf_counter() - t_step
         steps += 1
         top1, top5 = topk_correct(logits.detach(), y)
         # Accumulate on the device: no host sync per step (a new device tensor would be one).
@@ -287,7 +290,8 @@ def train_epoch(epoch, model, optimizer, schedule, loader, device, mean, std, ar
         if it % args.log_every == 0 or it == n or (world == 1 and stop.set):
             # One collective per interval: global metrics, and every rank agrees on NaN/stop.
             interval[3], interval[4] = float(seen), float(stop.set)
-            interval[5 + rank], interval[5 + world + rank] = data_wait, gpu_steps.seconds()
+            interval[5 + rank], interval[5 + world + rank] = data_wait, step_host
+            interval[5 + 2 * world + rank] = gpu_steps.seconds()
             reduced = all_reduce(interval).tolist()
             loss_sum, c1, c5, count, stopping = reduced[:5]
             if not math.isfinite(loss_sum):
@@ -301,10 +305,12 @@ def train_epoch(epoch, model, optimizer, schedule, loader, device, mean, std, ar
                    "loss": loss_sum / count, "top1_err": 100 * (1 - c1 / count),
                    "top5_err": 100 * (1 - c5 / count), "lr": lr,
                    "images_per_s": count / elapsed, "data_share": min(1.0, data_wait / elapsed),
-                   # per rank: a rank that waits on its data stalls them all at the next
-                   # collective; gpu_busy well under 1 on every rank means host or data bound
-                   "data_share_ranks": [min(1.0, w / elapsed) for w in reduced[5:5 + world]],
-                   "gpu_busy_ranks": [min(1.0, g / elapsed) for g in reduced[5 + world:]]}
+                   # per rank, shares of the interval: a rank that waits on its data stalls
+                   # them all at the next collective; the host's time issuing the steps near
+                   # the GPU's time in them means the host limits the rate, not the GPU
+                   **{f"{name}_ranks": [min(1.0, v / elapsed) for v in reduced[5 + i * world:
+                                                                           5 + (i + 1) * world]]
+                      for i, name in enumerate(("data_share", "step_host", "gpu_busy"))}}
             if rank == 0:
                 log.write(rec)
                 tqdm.write(format_line(epoch, it, n, rec["loss"], rec["top1_err"],
@@ -315,7 +321,7 @@ def train_epoch(epoch, model, optimizer, schedule, loader, device, mean, std, ar
                 return None
             interval.zero_()
             seen = 0
-            t_interval, data_wait, it_start = time.perf_counter(), 0.0, it + 1
+            t_interval, data_wait, step_host, it_start = time.perf_counter(), 0.0, 0.0, it + 1
         t_data = time.perf_counter()
     bar.close()
     per_rank = torch.zeros(world, dtype=torch.float64, device=device)
