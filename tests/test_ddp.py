@@ -98,3 +98,22 @@ def test_two_nodes_on_localhost(tmp_path):
     (epoch,) = _epochs(out)
     assert epoch["steps_per_rank"] == [11 // 4] * 2 and epoch["val_count"] == 7
     assert json.loads((out / "final.json").read_text())["checkpoint"].endswith("model_001.pt")
+
+
+def test_bn_stats_synced_per_epoch_save_what_per_step_saves(tmp_path):
+    # Train mode normalises with the batch's own statistics, and rank 0 keeps its own running
+    # statistics either way (DDP broadcasts rank 0's): the saved models must be equal.
+    info = write_shards(tmp_path / "shards", train_counts=[10, 7, 3], val_counts=[5, 4])
+    states = {}
+    for mode in ("step", "epoch"):
+        out = tmp_path / mode
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", str(_free_port()),
+               *_train_args(info["dir"], out, "--batch-size", 6, "--epochs", 1, "--workers", 0,
+                            "--bn-stats-sync", mode, "--bucket-mb", 0.5)]
+        proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        states[mode] = ckpt.load(out / "model_001.pt")["model"]
+    assert any("running_mean" in k for k in states["step"])
+    for k, v in states["step"].items():
+        assert torch.equal(v, states["epoch"][k]), k

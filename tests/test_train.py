@@ -171,3 +171,13 @@ def test_gpu_step_timer():
     timer.stop()
     assert timer.seconds() == pytest.approx(one_sleep, rel=0.2) and one_sleep > 0.005
     assert timer.seconds() == 0.0  # read and reset
+
+
+def test_profile_steps_writes_a_trace_and_a_per_thread_table(shards, tmp_path):
+    out = tmp_path / "run"
+    assert run(shards, out, "--workers", 0, "--profile-steps", 2, epochs=1) == 0
+    trace = json.loads((out / "profile_rank0.json").read_text())
+    assert any(e.get("cat") == "cpu_op" for e in trace["traceEvents"])
+    table = (out / "profile_rank0.txt").read_text()
+    assert table.startswith("2 steps, rank 0") and "(training loop)" in table
+    assert "aten::" in table

@@ -52,6 +52,7 @@ from tools.imagenet.loader import (IMAGENET_MEAN, IMAGENET_STD, batches_per_epoc
 from tools.imagenet.logging_utils import MetricsLog, format_line, plot_curves, write_epoch_logs
 from tools.imagenet.models import build_model
 from tools.imagenet.owt import OWTModel, wrap_owt
+from tools.imagenet.profiling import StepProfiler
 from tools.imagenet.schedule import Schedule
 
 INTERRUPTED = 143  # 128 + SIGTERM, what a preempted job reports
@@ -130,6 +131,16 @@ def parse_args(argv=None):
       "where DDP ranks check for NaN and SIGTERM)")
     a("--keep-checkpoints", type=int, default=0, help="keep only the newest K model_NNN.pt "
       "(0: keep all)")
+    a("--bn-stats-sync", default="step", choices=["step", "epoch"], help="DDP: step: rank 0's "
+      "BatchNorm statistics are broadcast before every forward (DDP's default); epoch: only at "
+      "epoch end, before validation and the checkpoint. Both save and validate rank 0's "
+      "statistics (a forward in train mode normalises with the batch's own); epoch saves a "
+      "collective per step")
+    a("--bucket-mb", type=float, default=25.0, help="DDP: gradient bucket size in MB (one "
+      "all-reduce per bucket, overlapped with the backward)")
+    a("--profile-steps", type=int, default=0, help="profile this many steps of the first "
+      "epoch, after 30 steps (a third of the epoch if shorter), with torch.profiler: profile_rank{R}.json (Chrome trace) and "
+      "profile_rank{R}.txt (per host thread: time in CUDA calls and operators) in --out")
     a("--resume", action="store_true", help="continue from the newest model_NNN.pt in --out "
       "(starts fresh when there is none)")
     args = p.parse_args(argv)
@@ -249,8 +260,9 @@ class GpuStepTimer:
 
 
 def train_epoch(epoch, model, optimizer, schedule, loader, device, mean, std, args, rank, world,
-                stop, log):
-    """One epoch; returns the epoch's global train numbers or None when interrupted."""
+                stop, log, on_step=None):
+    """One epoch; returns the epoch's global train numbers or None when interrupted. on_step:
+    called after each step (a profiler's)."""
     amp_dtype = autocast_dtype(args.amp, device)
     n = len(loader)
     lr = schedule.apply(optimizer, epoch)
@@ -322,6 +334,8 @@ def train_epoch(epoch, model, optimizer, schedule, loader, device, mean, std, ar
             interval.zero_()
             seen = 0
             t_interval, data_wait, step_host, it_start = time.perf_counter(), 0.0, 0.0, it + 1
+        if on_step is not None:
+            on_step()
         t_data = time.perf_counter()
     bar.close()
     per_rank = torch.zeros(world, dtype=torch.float64, device=device)
@@ -359,7 +373,8 @@ def parallelize(raw, args, world, device):
     fwd = torch.compile(raw) if args.compile else raw
     if world == 1:
         return fwd, fwd
-    return DDP(fwd, device_ids=[device.index] if device.type == "cuda" else None), fwd
+    return DDP(fwd, device_ids=[device.index] if device.type == "cuda" else None,
+               broadcast_buffers=args.bn_stats_sync == "step", bucket_cap_mb=args.bucket_mb), fwd
 
 
 def plain_state(model, raw, optimizer):
@@ -464,8 +479,8 @@ def train(args, rank, world, device, stop):
     if decode == "gpu":
         val = gpu_data.val_pipeline(val, device, args.crop_size, mean, std, on_failure=bad_log,
                                     decoder=decoder)
+    n = batches_per_epoch(manifest["num_samples"], args.batch_size, args.epoch_size)
     if rank == 0:
-        n = batches_per_epoch(manifest["num_samples"], args.batch_size, args.epoch_size)
         print(f"{args.arch}: {world} rank(s) on {device.type} ({args.parallel}), global batch "
               f"{args.batch_size}, {n} iterations/epoch, epochs {start}-{args.epochs}, decode "
               f"{decode}{f' ({decoder})' if decoder and device.type == 'cuda' else ''}", flush=True)
@@ -483,8 +498,12 @@ def train(args, rank, world, device, stop):
                                       channels_last=args.channels_last)
             loader = gpu_data.GpuBatchPipeline(loader, aug, device, threads=args.decode_threads,
                                                on_failure=bad_log, decoder=decoder)
+        # the window skips the warm-up (cuDNN autotuning) where the epoch is long enough
+        profiler = StepProfiler(out, rank, args.profile_steps if epoch == start else 0,
+                                skip=min(30, n // 3))
         train_metrics = train_epoch(epoch, model, optimizer, schedule, loader, device, mean, std,
-                                    args, rank, world, stop, log)
+                                    args, rank, world, stop, log, on_step=profiler.step)
+        profiler.close()
         if train_metrics is None:
             if rank == 0:
                 print(f"interrupted in epoch {epoch}; resume with --resume (restarts epoch "
