@@ -1,0 +1,183 @@
+"""One GPU against several, same data, same call: the training rate of tools.train on shards the
+workflow prepared once, each setting repeated (runs interleaved, so drift of the machine hits all
+alike), medians and the N-GPU / 1-GPU ratio printed last.
+
+    python bench/bench_scaling.py --work /tmp/scaling --gpus 1,2 --repeats 2
+    python bench/bench_scaling.py --work /tmp/scaling --variant 'sync-step:--bn-stats-sync step' \\
+        --variant 'threads1:--decode-threads 1' --gil 2
+
+Each run is `torchrun --nproc-per-node G -m tools.train` (AlexNet-BN, bf16, channels_last, decode
+gpu, batch --batch-per-gpu per GPU); the 1-GPU runs are pinned to --cpus-per-gpu CPUs (the issue's
+one GPU with 16 cores), the others use the whole machine. Its rate is the median of the last
+epoch's 10-step log intervals (the first dropped), with every rank's data wait, host time issuing
+the steps and GPU time in steps (tools.train's per-rank log fields).
+
+--gil G adds one run on G GPUs under py-spy (`record --gil`: only the thread holding the GIL is
+sampled) and prints, per process and thread, the functions holding the GIL: the training thread
+starved of the GIL shows as the pipeline threads' frames. Needs py-spy on PATH.
+"""
+import argparse
+import collections
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+import bench_e2e  # noqa: E402
+
+
+def parse_variant(text):
+    """'name:--flag value ...' -> (name, [flags]); 'base' is the default setting."""
+    name, _, flags = text.partition(":")
+    if not name or not re.fullmatch(r"[\w.-]+", name):
+        raise argparse.ArgumentTypeError(f"variant {text!r}: give NAME:FLAGS, NAME in letters, digits, . _ -")
+    return name, flags.split()
+
+
+def prepare(args):
+    """Shards from the real workflow (make_mini -> extract -> resize -> shard); returns their folder."""
+    if args.shards:
+        return args.shards
+    cfg = argparse.Namespace(work=args.work, classes=args.classes, train_per_class=args.train_per_class,
+                             val_per_class=args.val_per_class, shard_size=args.shard_size, gpus=1,
+                             device=args.device, workers_per_gpu=args.workers_per_gpu,
+                             batch_per_gpu=args.batch_per_gpu, epochs=args.epochs, decode="auto",
+                             cpu_fraction=0.0, gpu_decoder="auto", decode_threads=2)
+    config_path = args.work / "bench.yaml"
+    config_path.write_text(yaml.safe_dump(bench_e2e.workflow_config(cfg)))
+    bench_e2e.run([sys.executable, "-m", "snakemake", "--cores", os.cpu_count(), "prepare",
+                   "--configfile", config_path])
+    return args.work / "work/shards"
+
+
+def train_command(args, shards, out, gpus, flags):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", gpus]
+    if gpus == 1 and args.cpus_per_gpu and shutil.which("taskset") and (os.cpu_count() or 1) > args.cpus_per_gpu:
+        launcher = ["taskset", "-c", f"0-{args.cpus_per_gpu - 1}", *launcher]
+    return [*launcher, "-m", "tools.train", "--shards", shards, "--out", out, "--arch", args.arch,
+            "--batch-size", args.batch_per_gpu * gpus, "--workers", args.workers_per_gpu,
+            "--epochs", args.epochs, "--log-every", 10, "--seed", 1, "--device", args.device,
+            *args.train_args.split(), *flags]
+
+
+def run_once(args, shards, label, gpus, flags, prefix=()):
+    out = args.work / "runs" / label
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [*prefix, *train_command(args, shards, out, gpus, flags)]
+    log = args.work / "runs" / f"{label}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        print("+", " ".join(map(str, cmd)), flush=True)
+        rc = subprocess.run(list(map(str, cmd)), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                            timeout=args.timeout).returncode
+    if rc != 0:
+        raise SystemExit(f"error: {label} exited with {rc}; see {log}")
+    rate, _, ranks = bench_e2e.train_rate(out)
+    return {"rate": rate, **ranks}
+
+
+def gil_summary(raw_text, top=12):
+    """py-spy raw output ('frames;...;leaf count' per line, frames outermost first; with
+    --subprocesses and --threads the process chain and the thread come first) -> text: per
+    process and thread, its share of the GIL samples and the (caller > function) that held it."""
+    per_thread = collections.defaultdict(collections.Counter)
+    total = 0
+    for line in raw_text.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        processes = [f for f in frames if f.startswith("process ")]
+        threads = [f for f in frames if f.startswith("thread ")]
+        code = [f for f in frames if not f.startswith(("process ", "thread "))]
+        key = " / ".join(processes[-1:] + threads[-1:]) or "?"  # the innermost process
+        per_thread[key][" > ".join(code[-2:]) or "?"] += int(count)
+        total += int(count)
+    lines = [f"{total} GIL samples"]
+    for key, leaves in sorted(per_thread.items(), key=lambda kv: -sum(kv[1].values())):
+        n = sum(leaves.values())
+        lines.append(f"{100 * n / max(total, 1):5.1f} %  {key}")
+        for leaf, c in leaves.most_common(top):
+            lines.append(f"         {100 * c / max(total, 1):5.1f} %  {leaf}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, default=Path("/tmp/bench_scaling"), help="folder for data and runs")
+    p.add_argument("--shards", type=Path, default=None, help="use these shards instead of preparing some")
+    p.add_argument("--classes", type=int, default=100, help="generated classes")
+    p.add_argument("--train-per-class", type=int, default=400, help="generated train images per class")
+    p.add_argument("--val-per-class", type=int, default=20, help="generated val images per class")
+    p.add_argument("--shard-size", type=int, default=250, help="images per shard")
+    p.add_argument("--gpus", default="1,2", help="GPU counts to compare, the first is the baseline")
+    p.add_argument("--variant", action="append", type=parse_variant, default=[],
+                   help="NAME:FLAGS, extra tools.train flags run beside the default (repeatable)")
+    p.add_argument("--repeats", type=int, default=2, help="runs of each setting")
+    p.add_argument("--epochs", type=int, default=3, help="epochs per run (the last is measured)")
+    p.add_argument("--arch", default="alexnetowtbn", help="model")
+    p.add_argument("--batch-per-gpu", type=int, default=256, help="batch per GPU")
+    p.add_argument("--workers-per-gpu", type=int, default=8, help="loader workers per GPU")
+    p.add_argument("--cpus-per-gpu", type=int, default=16, help="CPUs the 1-GPU runs are pinned to (0: all)")
+    p.add_argument("--train-args", default="--amp bf16 --channels-last --decode gpu",
+                   help="tools.train flags of every run")
+    p.add_argument("--gil", type=int, default=0, help="one more run on this many GPUs under py-spy --gil")
+    p.add_argument("--timeout", type=float, default=300, help="seconds one run may take")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="cpu: a smoke test on a machine without GPU (gloo processes stand in for GPUs)")
+    args = p.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    gpu_counts = [int(g) for g in args.gpus.split(",")]
+    variants = [("base", [])] + args.variant
+    shards = prepare(args)
+
+    results = collections.defaultdict(list)
+    for r in range(args.repeats):
+        for name, flags in variants:
+            for g in gpu_counts:
+                results[(name, g)].append(run_once(args, shards, f"{name}-g{g}-r{r}", g, flags))
+
+    gil_text = None
+    if args.gil:
+        spy = shutil.which("py-spy")
+        if spy is None:
+            raise SystemExit("error: --gil needs py-spy on PATH (pip install py-spy)")
+        raw = args.work / "gil_raw.txt"
+        run_once(args, shards, f"gil-g{args.gil}", args.gil, [],
+                 prefix=[spy, "record", "--gil", "--nonblocking", "--subprocesses", "--threads",
+                         "--format", "raw", "--rate", 200, "--output", raw, "--"])
+        gil_text = gil_summary(raw.read_text())
+        (args.work / "gil_summary.txt").write_text(gil_text)
+
+    base = statistics.median(x["rate"] for x in results[("base", gpu_counts[0])])
+    rows = []
+    for (name, g), runs in results.items():
+        med = statistics.median(x["rate"] for x in runs)
+        per_rank = {k: [round(statistics.median(x[k][i] for x in runs), 2) for i in range(g)]
+                    for k in ("data_share_ranks", "step_host_ranks", "gpu_busy_ranks")}
+        rows.append({"variant": name, "gpus": g, "runs": [round(x["rate"]) for x in runs], "median": med,
+                     "vs_base_1": med / base, **per_rank})
+    (args.work / "bench_scaling.json").write_text(json.dumps(rows, indent=2))
+    if gil_text:
+        print("\n== GIL holders (py-spy --gil) ==\n" + gil_text)
+    print(f"\n== images/s, median of {args.repeats} runs (ratio: to base on {gpu_counts[0]} GPU(s)) ==")
+    print(f"{'variant':14s} {'gpus':>4s} {'median':>9s} {'ratio':>6s}  {'runs':24s} per rank: data wait / "
+          f"host issuing steps / GPU in steps")
+    for row in rows:
+        shares = " | ".join(f"{d:.0%} {h:.0%} {b:.0%}" for d, h, b in
+                            zip(row["data_share_ranks"], row["step_host_ranks"], row["gpu_busy_ranks"]))
+        print(f"{row['variant']:14s} {row['gpus']:4d} {row['median']:9,.0f} {row['vs_base_1']:5.2f}x  "
+              f"{str(row['runs']):24s} {shares}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

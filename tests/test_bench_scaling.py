@@ -1,0 +1,51 @@
+"""bench/bench_scaling.py on the CPU: variant parsing, the GIL table, and a real 1-vs-2-process run."""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests._shards import write_shards
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import bench_scaling  # noqa: E402
+
+RAW = """\
+process 10:"python -m torch.distributed.run";process 11:"python -m tools.train";thread (11): MainThread;train_epoch (train.py:300);forward (module.py:10) 30
+process 10:"python -m torch.distributed.run";process 11:"python -m tools.train";thread (12): gpu-fetch;fetch (gpu_data.py:980);_recv (connection.py:5) 60
+process 10:"python -m torch.distributed.run";process 11:"python -m tools.train";thread (12): gpu-fetch;fetch (gpu_data.py:980);loads (reduction.py:9) 10
+"""
+
+
+def test_gil_summary_ranks_threads_by_their_share():
+    text = bench_scaling.gil_summary(RAW)
+    lines = text.splitlines()
+    assert lines[0] == "100 GIL samples"
+    assert lines[1].startswith(" 70.0 %") and "thread (12): gpu-fetch" in lines[1]
+    assert 'process 11:"python -m tools.train"' in lines[1] and "process 10" not in lines[1]
+    assert "fetch (gpu_data.py:980) > _recv (connection.py:5)" in lines[2] and "60.0 %" in lines[2]
+    assert any(line.startswith(" 30.0 %") and "MainThread" in line for line in lines)
+
+
+def test_variants():
+    assert bench_scaling.parse_variant("sync-step:--bn-stats-sync step") == (
+        "sync-step", ["--bn-stats-sync", "step"])
+    assert bench_scaling.parse_variant("plain") == ("plain", [])
+    with pytest.raises(argparse.ArgumentTypeError):
+        bench_scaling.parse_variant("bad name:--x")
+
+
+def test_one_against_two_processes_on_the_cpu(tmp_path, capsys):
+    info = write_shards(tmp_path / "shards", train_counts=[10, 7, 3, 9], val_counts=[5, 4])
+    assert bench_scaling.main([
+        "--work", str(tmp_path / "w"), "--shards", str(info["dir"]), "--device", "cpu",
+        "--gpus", "1,2", "--repeats", "1", "--epochs", "1", "--arch", "mobilenet_v3_small",
+        "--batch-per-gpu", "2", "--workers-per-gpu", "1", "--cpus-per-gpu", "0",
+        "--train-args", "--crop-size 64 --decode cpu", "--variant", "step:--bn-stats-sync step"]) == 0
+    rows = json.loads((tmp_path / "w/bench_scaling.json").read_text())
+    assert {(r["variant"], r["gpus"]) for r in rows} == {("base", 1), ("base", 2), ("step", 1), ("step", 2)}
+    for r in rows:
+        assert r["median"] > 0 and len(r["runs"]) == 1 and len(r["data_share_ranks"]) == r["gpus"]
+    assert next(r for r in rows if r["variant"] == "base" and r["gpus"] == 1)["vs_base_1"] == 1.0
+    assert "images/s, median of 1 runs" in capsys.readouterr().out
