@@ -135,7 +135,7 @@ def parse_args(argv=None):
       "BatchNorm statistics go to all ranks at each epoch end, before validation and the "
       "checkpoint; step: before every forward too (DDP's default). Both save and validate rank "
       "0's statistics (a forward in train mode normalises with the batch's own); epoch saves "
-      "a collective per step (2 x H200: 36.4k vs 33.7k img/s, bench/NOTES-gpu.md)")
+      "a collective per step")
     a("--bucket-mb", type=float, default=25.0, help="DDP: gradient bucket size in MB (one "
       "all-reduce per bucket, overlapped with the backward)")
     a("--profile-steps", type=int, default=0, help="profile this many steps of the first "
