@@ -51,7 +51,8 @@ def workflow_config(args):
 
 def train_rate(run_dir):
     """Of the last epoch's log intervals (first dropped): median images/s, rank 0's median
-    data-wait share, and per rank the median data-wait share and GPU busy share."""
+    data-wait share, and a dict of per-rank medians (data wait, host issuing steps, GPU in
+    steps: tools.train's *_ranks fields) and the intervals' images/s."""
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in recs if r.get("kind") == "train"]
     last = [r for r in train if r["epoch"] == train[-1]["epoch"]][1:] or train[-1:]

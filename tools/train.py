@@ -131,16 +131,17 @@ def parse_args(argv=None):
       "where DDP ranks check for NaN and SIGTERM)")
     a("--keep-checkpoints", type=int, default=0, help="keep only the newest K model_NNN.pt "
       "(0: keep all)")
-    a("--bn-stats-sync", default="epoch", choices=["step", "epoch"], help="DDP: epoch: rank 0's "
-      "BatchNorm statistics go to all ranks at each epoch end, before validation and the "
-      "checkpoint; step: before every forward too (DDP's default). Both save and validate rank "
-      "0's statistics (a forward in train mode normalises with the batch's own); epoch saves "
-      "a collective per step")
-    a("--bucket-mb", type=float, default=25.0, help="DDP: gradient bucket size in MB (one "
-      "all-reduce per bucket, overlapped with the backward)")
+    a("--bn-stats-sync", default="epoch", choices=["step", "epoch"], help="--parallel ddp: "
+      "epoch: rank 0's BatchNorm statistics go to all ranks at each epoch end, before "
+      "validation and the checkpoint; step: before every forward too (DDP's default). Both "
+      "save and validate rank 0's statistics (a forward in train mode normalises with the "
+      "batch's own); epoch saves a collective per step")
+    a("--bucket-mb", type=float, default=25.0, help="--parallel ddp: gradient bucket size in "
+      "MB (one all-reduce per bucket, overlapped with the backward)")
     a("--profile-steps", type=int, default=0, help="profile this many steps of the first "
-      "epoch, after 30 steps (a third of the epoch if shorter), with torch.profiler: profile_rank{R}.json (Chrome trace) and "
-      "profile_rank{R}.txt (per host thread: time in CUDA calls and operators) in --out")
+      "epoch, after 30 steps (a third of the epoch if shorter), with torch.profiler: "
+      "profile_rank{R}.json (Chrome trace) and profile_rank{R}.txt (per host thread: time in "
+      "CUDA calls and operators) in --out")
     a("--resume", action="store_true", help="continue from the newest model_NNN.pt in --out "
       "(starts fresh when there is none)")
     args = p.parse_args(argv)
