@@ -12,9 +12,10 @@ one GPU with 16 cores), the others use the whole machine. Its rate is the median
 epoch's 10-step log intervals (the first dropped), with every rank's data wait, host time issuing
 the steps and GPU time in steps (tools.train's per-rank log fields).
 
---gil G adds one run on G GPUs under py-spy (`record --gil`: only the thread holding the GIL is
-sampled) and prints, per process and thread, the functions holding the GIL: the training thread
-starved of the GIL shows as the pipeline threads' frames. Needs py-spy on PATH.
+--gil G adds one run on G GPUs, sampled from its second epoch on by py-spy (`record --gil`: only
+the thread holding the GIL is sampled), and prints per process and thread the functions holding
+the GIL: a training thread starved of the GIL shows as the pipeline threads' frames. Needs py-spy
+on PATH, and ptrace rights on the run's processes.
 """
 import argparse
 import collections
@@ -25,6 +26,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -68,26 +70,58 @@ def train_command(args, shards, out, gpus, flags):
             *args.train_args.split(), *flags]
 
 
-def run_once(args, shards, label, gpus, flags, prefix=()):
+def sample_gil(proc, out, raw, seconds, timeout):
+    """Once `proc` (a training run writing to `out`) logs its first line of epoch 2, py-spy samples
+    the thread holding the GIL in it and its children for `seconds` into `raw`: the steady state,
+    not the start-up's imports."""
+    deadline = time.monotonic() + timeout
+    metrics = out / "metrics.jsonl"
+    while not (metrics.is_file() and '"epoch": 2' in metrics.read_text()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"error: the run for --gil ended or stalled before epoch 2 ({out})")
+        time.sleep(0.2)
+    subprocess.run([shutil.which("py-spy"), "record", "--pid", str(proc.pid), "--gil", "--nonblocking",
+                    "--subprocesses", "--threads", "--format", "raw", "--rate", "200",
+                    "--duration", str(seconds), "--output", str(raw)],
+                   check=True, stdout=subprocess.DEVNULL, timeout=seconds + 60)
+
+
+def run_once(args, shards, label, gpus, flags, gil_raw=None):
     out = args.work / "runs" / label
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [*prefix, *train_command(args, shards, out, gpus, flags)]
+    cmd = train_command(args, shards, out, gpus, flags)
     log = args.work / "runs" / f"{label}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
         print("+", " ".join(map(str, cmd)), flush=True)
-        rc = subprocess.run(list(map(str, cmd)), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                            timeout=args.timeout).returncode
+        proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            if gil_raw is not None:
+                sample_gil(proc, out, gil_raw, args.gil_seconds, args.timeout)
+            rc = proc.wait(timeout=args.timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     if rc != 0:
         raise SystemExit(f"error: {label} exited with {rc}; see {log}")
     rate, _, ranks = bench_e2e.train_rate(out)
     return {"rate": rate, **ranks}
 
 
-def gil_summary(raw_text, top=12):
+def _short_process(frame):
+    """'process 12:"python -u -m tools.train --shards ..."' -> 'process 12 (tools.train)'."""
+    pid, _, cmdline = frame.partition(":")
+    words = cmdline.strip('"').split()
+    what = words[words.index("-m") + 1] if "-m" in words[:-1] else " ".join(words[1:2])
+    return f"{pid} ({what})" if what else pid
+
+
+def gil_summary(raw_text, top=8, groups=16):
     """py-spy raw output ('frames;...;leaf count' per line, frames outermost first; with
     --subprocesses and --threads the process chain and the thread come first) -> text: per
-    process and thread, its share of the GIL samples and the (caller > function) that held it."""
+    process and thread (the `groups` largest), its share of the GIL samples and the `top`
+    (caller > function) that held it. Each process has a GIL of its own: read a training process's
+    threads against each other."""
     per_thread = collections.defaultdict(collections.Counter)
     total = 0
     for line in raw_text.splitlines():
@@ -98,11 +132,11 @@ def gil_summary(raw_text, top=12):
         processes = [f for f in frames if f.startswith("process ")]
         threads = [f for f in frames if f.startswith("thread ")]
         code = [f for f in frames if not f.startswith(("process ", "thread "))]
-        key = " / ".join(processes[-1:] + threads[-1:]) or "?"  # the innermost process
+        key = " / ".join([_short_process(f) for f in processes[-1:]] + threads[-1:]) or "?"
         per_thread[key][" > ".join(code[-2:]) or "?"] += int(count)
         total += int(count)
     lines = [f"{total} GIL samples"]
-    for key, leaves in sorted(per_thread.items(), key=lambda kv: -sum(kv[1].values())):
+    for key, leaves in sorted(per_thread.items(), key=lambda kv: -sum(kv[1].values()))[:groups]:
         n = sum(leaves.values())
         lines.append(f"{100 * n / max(total, 1):5.1f} %  {key}")
         for leaf, c in leaves.most_common(top):
@@ -129,7 +163,9 @@ def main(argv=None):
     p.add_argument("--cpus-per-gpu", type=int, default=16, help="CPUs the 1-GPU runs are pinned to (0: all)")
     p.add_argument("--train-args", default="--amp bf16 --channels-last --decode gpu",
                    help="tools.train flags of every run")
-    p.add_argument("--gil", type=int, default=0, help="one more run on this many GPUs under py-spy --gil")
+    p.add_argument("--gil", type=int, default=0, help="one more run on this many GPUs (4 epochs "
+                   "longer), sampled by py-spy --gil from its second epoch on")
+    p.add_argument("--gil-seconds", type=int, default=6, help="how long py-spy samples (s)")
     p.add_argument("--timeout", type=float, default=300, help="seconds one run may take")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="cpu: a smoke test on a machine without GPU (gloo processes stand in for GPUs)")
@@ -151,9 +187,7 @@ def main(argv=None):
         if spy is None:
             raise SystemExit("error: --gil needs py-spy on PATH (pip install py-spy)")
         raw = args.work / "gil_raw.txt"
-        run_once(args, shards, f"gil-g{args.gil}", args.gil, [],
-                 prefix=[spy, "record", "--gil", "--nonblocking", "--subprocesses", "--threads",
-                         "--format", "raw", "--rate", 200, "--output", raw, "--"])
+        run_once(args, shards, f"gil-g{args.gil}", args.gil, ["--epochs", args.epochs + 4], gil_raw=raw)
         gil_text = gil_summary(raw.read_text())
         (args.work / "gil_summary.txt").write_text(gil_text)
 

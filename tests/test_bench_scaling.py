@@ -23,7 +23,7 @@ def test_gil_summary_ranks_threads_by_their_share():
     lines = text.splitlines()
     assert lines[0] == "100 GIL samples"
     assert lines[1].startswith(" 70.0 %") and "thread (12): gpu-fetch" in lines[1]
-    assert 'process 11:"python -m tools.train"' in lines[1] and "process 10" not in lines[1]
+    assert "process 11 (tools.train) / thread (12): gpu-fetch" in lines[1] and "process 10" not in lines[1]
     assert "fetch (gpu_data.py:980) > _recv (connection.py:5)" in lines[2] and "60.0 %" in lines[2]
     assert any(line.startswith(" 30.0 %") and "MainThread" in line for line in lines)
 
