@@ -140,12 +140,13 @@ def main(argv=None):
         print(f"{r['model']:24s} {r['gpus']:4d} {train:9,.0f} {r['ceiling_train']:9,.0f} "
               f"{train / r['ceiling_train']:6.0%} {r.get('data_share', float('nan')):5.0%} {eval_rate:9,.0f} "
               f"{r['ceiling_infer_per_gpu']:14,.0f} {r.get('val_top1_err', float('nan')):11.2f}%")
+    labels = {"data_share_ranks": "data wait", "gpu_busy_ranks": "GPU busy in steps",
+              "step_host_ranks": "host issuing steps"}
     for r in rows:
         if r.get("ranks"):
-            print(f"{r['model']}: per rank median data wait "
-                  f"{', '.join(f'{v:.0%}' for v in r['ranks']['data_share_ranks'])}; GPU busy in steps "
-                  f"{', '.join(f'{v:.0%}' for v in r['ranks']['gpu_busy_ranks'])}; host issuing steps "
-                  f"{', '.join(f'{v:.0%}' for v in r['ranks']['step_host_ranks'])}; intervals "
+            shares = "; ".join(f"{label} {', '.join(f'{v:.0%}' for v in r['ranks'][key])}"
+                               for key, label in labels.items())
+            print(f"{r['model']}: per rank median {shares}; intervals "
                   f"{r['ranks']['images_per_s_intervals']}")
     (args.work / "bench_e2e.json").write_text(json.dumps({"rows": rows, "stages": stage_times}, indent=2))
     return 0
