@@ -37,11 +37,16 @@ import bench_e2e  # noqa: E402
 
 
 def parse_variant(text):
-    """'name:--flag value ...' -> (name, [flags]); 'base' is the default setting."""
-    name, _, flags = text.partition(":")
+    """'name:[VAR=value ...] --flag value ...' -> (name, [flags], {env}); leading VAR=value words
+    set environment variables of the run (e.g. NCCL settings), as in a shell."""
+    name, _, rest = text.partition(":")
     if not name or not re.fullmatch(r"[\w.-]+", name):
         raise argparse.ArgumentTypeError(f"variant {text!r}: give NAME:FLAGS, NAME in letters, digits, . _ -")
-    return name, flags.split()
+    words, env = rest.split(), {}
+    while words and re.fullmatch(r"[A-Za-z_]\w*=\S*", words[0]):
+        var, _, value = words.pop(0).partition("=")
+        env[var] = value
+    return name, words, env
 
 
 def prepare(args):
@@ -60,10 +65,14 @@ def prepare(args):
     return args.work / "work/shards"
 
 
-def train_command(args, shards, out, gpus, flags):
+def train_command(args, shards, out, gpus, flags, first_cpu=0):
+    """One torchrun of tools.train; a 1-GPU run is pinned to --cpus-per-gpu CPUs from first_cpu
+    (where the machine has more, as the issue's one GPU with 16 cores)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", gpus]
-    if gpus == 1 and args.cpus_per_gpu and shutil.which("taskset") and (os.cpu_count() or 1) > args.cpus_per_gpu:
-        launcher = ["taskset", "-c", f"0-{args.cpus_per_gpu - 1}", *launcher]
+    cpus = args.cpus_per_gpu
+    if gpus == 1 and cpus and shutil.which("taskset") and (os.cpu_count() or 1) >= first_cpu + cpus \
+            and (os.cpu_count() or 1) > cpus:
+        launcher = ["taskset", "-c", f"{first_cpu}-{first_cpu + cpus - 1}", *launcher]
     return [*launcher, "-m", "tools.train", "--shards", shards, "--out", out, "--arch", args.arch,
             "--batch-size", args.batch_per_gpu * gpus, "--workers", args.workers_per_gpu,
             "--epochs", args.epochs, "--log-every", 10, "--seed", 1, "--device", args.device,
@@ -86,26 +95,40 @@ def sample_gil(proc, out, raw, seconds, timeout):
                    check=True, stdout=subprocess.DEVNULL, timeout=seconds + 60)
 
 
-def run_once(args, shards, label, gpus, flags, gil_raw=None):
-    out = args.work / "runs" / label
-    shutil.rmtree(out, ignore_errors=True)
-    cmd = train_command(args, shards, out, gpus, flags)
-    log = args.work / "runs" / f"{label}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
-        print("+", " ".join(map(str, cmd)), flush=True)
-        proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-        try:
-            if gil_raw is not None:
-                sample_gil(proc, out, gil_raw, args.gil_seconds, args.timeout)
-            rc = proc.wait(timeout=args.timeout)
-        finally:
+def run_once(args, shards, label, gpus, flags, env=None, independent=False, gil_raw=None):
+    """One setting's run: rate and per-rank figures. independent: `gpus` separate 1-GPU runs at
+    once, each on its own GPU and CPUs, no gradient exchange; their rates add up: what the
+    pipeline gives N GPUs when DDP costs nothing (the N-GPU ceiling of the data path)."""
+    runs = []
+    for i in range(gpus if independent else 1):
+        out = args.work / "runs" / (f"{label}-{i}" if independent else label)
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = train_command(args, shards, out, 1 if independent else gpus, flags,
+                            first_cpu=i * args.cpus_per_gpu if independent else 0)
+        run_env = {**os.environ, **(env or {})}
+        if independent and args.device == "cuda":
+            run_env["CUDA_VISIBLE_DEVICES"] = str(i)
+        log = out.parent / f"{out.name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        print("+", " ".join(f"{k}={v}" for k, v in (env or {}).items()), " ".join(map(str, cmd)), flush=True)
+        with open(log, "w") as f:
+            runs.append((out, log, subprocess.Popen(list(map(str, cmd)), cwd=ROOT, env=run_env, stdout=f,
+                                                    stderr=subprocess.STDOUT)))
+    try:
+        if gil_raw is not None:
+            sample_gil(runs[0][2], runs[0][0], gil_raw, args.gil_seconds, args.timeout)
+        for out, log, proc in runs:
+            if proc.wait(timeout=args.timeout) != 0:
+                raise SystemExit(f"error: {label} exited with {proc.returncode}; see {log}")
+    finally:
+        for _, _, proc in runs:
             if proc.poll() is None:
                 proc.kill()
-    if rc != 0:
-        raise SystemExit(f"error: {label} exited with {rc}; see {log}")
-    rate, _, ranks = bench_e2e.train_rate(out)
-    return {"rate": rate, **ranks}
+    measured = [bench_e2e.train_rate(out) for out, _, _ in runs]
+    joined = {k: [v for _, _, ranks in measured for v in ranks[k]] for k in measured[0][2]}
+    joined["images_per_s_intervals"] = [round(sum(x)) for x in zip(*(r["images_per_s_intervals"]
+                                                                       for _, _, r in measured))]
+    return {"rate": sum(rate for rate, _, _ in measured), **joined}
 
 
 def _short_process(frame):
@@ -154,7 +177,13 @@ def main(argv=None):
     p.add_argument("--shard-size", type=int, default=250, help="images per shard")
     p.add_argument("--gpus", default="1,2", help="GPU counts to compare, the first is the baseline")
     p.add_argument("--variant", action="append", type=parse_variant, default=[],
-                   help="NAME:FLAGS, extra tools.train flags run beside the default (repeatable)")
+                   help="NAME:[VAR=value ...] FLAGS: extra tools.train flags (and environment "
+                   "variables) run beside the default (repeatable)")
+    p.add_argument("--variant-gpus", default=None, help="GPU counts the variants run on "
+                   "(default: all of --gpus)")
+    p.add_argument("--independent", action="store_true", help="also run, for each GPU count N "
+                   "above 1, N separate 1-GPU trainings at once (own GPU and CPUs each, no "
+                   "gradient exchange): the sum of their rates is the data path's N-GPU ceiling")
     p.add_argument("--repeats", type=int, default=2, help="runs of each setting")
     p.add_argument("--epochs", type=int, default=3, help="epochs per run (the last is measured)")
     p.add_argument("--arch", default="alexnetowtbn", help="model")
@@ -172,14 +201,19 @@ def main(argv=None):
     args = p.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     gpu_counts = [int(g) for g in args.gpus.split(",")]
-    variants = [("base", [])] + args.variant
+    variant_gpus = [int(g) for g in args.variant_gpus.split(",")] if args.variant_gpus else gpu_counts
+    variants = [("base", [], {})] + args.variant
     shards = prepare(args)
 
     results = collections.defaultdict(list)
     for r in range(args.repeats):
-        for name, flags in variants:
-            for g in gpu_counts:
-                results[(name, g)].append(run_once(args, shards, f"{name}-g{g}-r{r}", g, flags))
+        for name, flags, env in variants:
+            for g in gpu_counts if name == "base" else variant_gpus:
+                results[(name, g)].append(run_once(args, shards, f"{name}-g{g}-r{r}", g, flags, env))
+        if args.independent:
+            for g in gpu_counts[1:]:
+                results[("independent", g)].append(run_once(args, shards, f"independent-g{g}-r{r}", g, [],
+                                                            independent=True))
 
     gil_text = None
     if args.gil:
@@ -198,7 +232,8 @@ def main(argv=None):
         per_rank = {k: [round(statistics.median(x[k][i] for x in runs), 2) for i in range(g)]
                     for k in ("data_share_ranks", "step_host_ranks", "gpu_busy_ranks")}
         rows.append({"variant": name, "gpus": g, "runs": [round(x["rate"]) for x in runs], "median": med,
-                     "vs_base_1": med / base, **per_rank})
+                     "vs_base_1": med / base, **per_rank,
+                     "intervals": [x["images_per_s_intervals"] for x in runs]})
     (args.work / "bench_scaling.json").write_text(json.dumps(rows, indent=2))
     if gil_text:
         print("\n== GIL holders (py-spy --gil) ==\n" + gil_text)

@@ -30,8 +30,10 @@ def test_gil_summary_ranks_threads_by_their_share():
 
 def test_variants():
     assert bench_scaling.parse_variant("sync-step:--bn-stats-sync step") == (
-        "sync-step", ["--bn-stats-sync", "step"])
-    assert bench_scaling.parse_variant("plain") == ("plain", [])
+        "sync-step", ["--bn-stats-sync", "step"], {})
+    assert bench_scaling.parse_variant("plain") == ("plain", [], {})
+    assert bench_scaling.parse_variant("nch:NCCL_MAX_NCHANNELS=4 A_B= --workers 3") == (
+        "nch", ["--workers", "3"], {"NCCL_MAX_NCHANNELS": "4", "A_B": ""})
     with pytest.raises(argparse.ArgumentTypeError):
         bench_scaling.parse_variant("bad name:--x")
 
@@ -42,10 +44,19 @@ def test_one_against_two_processes_on_the_cpu(tmp_path, capsys):
         "--work", str(tmp_path / "w"), "--shards", str(info["dir"]), "--device", "cpu",
         "--gpus", "1,2", "--repeats", "1", "--epochs", "1", "--arch", "mobilenet_v3_small",
         "--batch-per-gpu", "2", "--workers-per-gpu", "1", "--cpus-per-gpu", "0",
-        "--train-args", "--crop-size 64 --decode cpu", "--variant", "step:--bn-stats-sync step"]) == 0
+        "--train-args", "--crop-size 64 --decode cpu", "--variant", "step:BENCH_SCALING_PROBE=1 --bn-stats-sync step", "--independent"]) == 0
     rows = json.loads((tmp_path / "w/bench_scaling.json").read_text())
-    assert {(r["variant"], r["gpus"]) for r in rows} == {("base", 1), ("base", 2), ("step", 1), ("step", 2)}
+    assert {(r["variant"], r["gpus"]) for r in rows} == {("base", 1), ("base", 2), ("step", 1), ("step", 2),
+                                                         ("independent", 2)}
     for r in rows:
         assert r["median"] > 0 and len(r["runs"]) == 1 and len(r["data_share_ranks"]) == r["gpus"]
+        assert r["intervals"] and all(v > 0 for v in r["intervals"][0])
+    # the independent setting: two separate 1-process trainings whose rates add up
+    runs = tmp_path / "w/runs"
+    assert (runs / "independent-g2-r0-0/final.json").is_file() and (runs / "independent-g2-r0-1/final.json").is_file()
+    settings = json.loads((runs / "independent-g2-r0-1/settings.json").read_text())
+    assert settings["versions"]["world_size"] == 1
+    printed = capsys.readouterr().out
+    assert "BENCH_SCALING_PROBE=1" in printed
     assert next(r for r in rows if r["variant"] == "base" and r["gpus"] == 1)["vs_base_1"] == 1.0
-    assert "images/s, median of 1 runs" in capsys.readouterr().out
+    assert "images/s, median of 1 runs" in printed

@@ -117,3 +117,24 @@ def test_bn_stats_synced_per_epoch_save_what_per_step_saves(tmp_path):
     assert any("running_mean" in k for k in states["step"])
     for k, v in states["step"].items():
         assert torch.equal(v, states["epoch"][k]), k
+
+
+def test_gradients_travel_in_bf16_when_asked(tmp_path):
+    # bf16 all-reduce rounds the summed gradients: close to the fp32 run's weights, not equal
+    info = write_shards(tmp_path / "shards", train_counts=[10, 7, 3], val_counts=[5, 4])
+    states = {}
+    for dtype in ("fp32", "bf16"):
+        out = tmp_path / dtype
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", str(_free_port()),
+               *_train_args(info["dir"], out, "--batch-size", 6, "--epochs", 1, "--workers", 0,
+                            "--grad-allreduce", dtype)]
+        proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        states[dtype] = ckpt.load(out / "model_001.pt")
+    assert states["bf16"]["settings"]["grad_allreduce"] == "bf16"
+    weights = [k for k, v in states["fp32"]["model"].items() if v.is_floating_point() and "weight" in k]
+    diffs = [(states["fp32"]["model"][k] - states["bf16"]["model"][k]).abs().max().item() for k in weights]
+    assert max(diffs) > 0
+    assert all(torch.allclose(states["fp32"]["model"][k], states["bf16"]["model"][k], atol=2e-3, rtol=2e-2)
+               for k in weights)
