@@ -10,7 +10,6 @@ import torch
 
 from tests._shards import write_shards
 from tools.imagenet import checkpoint as ckpt
-from tools.imagenet.distributed import split_cpus
 from tools.imagenet.loader import val_loader
 from tools.imagenet.models import build_model
 from tools.train import run_validation
@@ -139,23 +138,3 @@ def test_gradients_travel_in_bf16_when_asked(tmp_path):
     assert max(diffs) > 0
     assert all(torch.allclose(states["fp32"]["model"][k], states["bf16"]["model"][k], atol=2e-3, rtol=2e-2)
                for k in weights)
-
-
-def test_split_cpus_gives_ranks_disjoint_equal_shares():
-    assert split_cpus(range(32), 1, 2) == list(range(16, 32))
-    assert split_cpus([4, 0, 2, 6, 8], 0, 2) == [0, 2] and split_cpus([4, 0, 2, 6, 8], 1, 2) == [4, 6]
-    assert split_cpus([3], 1, 2) == [3]  # fewer CPUs than ranks: share them all
-
-
-def test_ranks_pinned_to_their_own_cpus(tmp_path):
-    info = write_shards(tmp_path / "shards", train_counts=[10, 7, 3], val_counts=[5, 4])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", str(_free_port()),
-           *_train_args(info["dir"], tmp_path / "run", "--batch-size", 6, "--epochs", 1, "--workers", 1,
-                        "--cpu-affinity", "split", "--step-priority", "high")]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    allowed = os.sched_getaffinity(0)
-    for rank in (0, 1):
-        cpus = ",".join(map(str, split_cpus(allowed, rank, 2)))
-        assert f"rank {rank}: on CPUs {cpus}\n" in proc.stdout

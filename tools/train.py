@@ -43,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from tools.imagenet import checkpoint as ckpt
-from tools.imagenet.distributed import all_reduce, pin_cpus, setup, work_stream
+from tools.imagenet.distributed import all_reduce, setup, work_stream
 from tools.imagenet.distributed import amp_dtype as autocast_dtype
 from tools.imagenet import fsutil
 from tools.imagenet.evaluation import evaluate
@@ -142,12 +142,6 @@ def parse_args(argv=None):
     a("--grad-allreduce", default="fp32", choices=["fp32", "bf16"], help="--parallel ddp: "
       "dtype the gradients travel in; bf16 halves the bytes of each all-reduce (DDP's "
       "bf16_compress_hook: sum in bf16, then back to fp32 for the optimizer)")
-    a("--cpu-affinity", default="none", choices=["split", "none"], help="split: each rank on a "
-      "contiguous, equal share of the CPUs the job may use (its loader workers and threads too); "
-      "none: wherever the OS schedules them")
-    a("--step-priority", default="normal", choices=["high", "normal"], help="high: the training "
-      "step's kernels (and under DDP the gradient all-reduce) on high-priority CUDA streams, "
-      "ahead of the GPU data path's decode and crop kernels")
     a("--profile-steps", type=int, default=0, help="profile this many steps of the first "
       "epoch, after 30 steps (a third of the epoch if shorter), with torch.profiler: "
       "profile_rank{R}.json (Chrome trace) and profile_rank{R}.txt (per host thread: time in "
@@ -563,13 +557,9 @@ def train(args, rank, world, device, stop):
 
 def main(argv=None):
     args = parse_args(argv)
-    cpus = pin_cpus() if args.cpu_affinity == "split" else None  # before any thread or loader starts
-    high = args.step_priority == "high"
-    rank, world, device = setup(args.device, high_priority=high)
-    if cpus:
-        print(f"rank {rank}: on CPUs {','.join(map(str, cpus))}", flush=True)
+    rank, world, device = setup(args.device)
     try:
-        with StopFlag() as stop, work_stream(device, priority=-1 if high else 0):
+        with StopFlag() as stop, work_stream(device):
             return train(args, rank, world, device, stop)
     except Diverged as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
