@@ -4,13 +4,18 @@ alike), medians and the N-GPU / 1-GPU ratio printed last.
 
     python bench/bench_scaling.py --work /tmp/scaling --gpus 1,2 --repeats 2
     python bench/bench_scaling.py --work /tmp/scaling --variant 'sync-step:--bn-stats-sync step' \\
-        --variant 'threads1:--decode-threads 1' --gil 2
+        --variant 'nch4:NCCL_MAX_NCHANNELS=4' --variant-gpus 2 --independent --gil 2
 
 Each run is `torchrun --nproc-per-node G -m tools.train` (AlexNet-BN, bf16, channels_last, decode
 gpu, batch --batch-per-gpu per GPU); the 1-GPU runs are pinned to --cpus-per-gpu CPUs (the issue's
 one GPU with 16 cores), the others use the whole machine. Its rate is the median of the last
 epoch's 10-step log intervals (the first dropped), with every rank's data wait, host time issuing
-the steps and GPU time in steps (tools.train's per-rank log fields).
+the steps and GPU time in steps (tools.train's per-rank log fields). The default data (80,000
+train images) gives 2-GPU epochs of 156 steps: with half that, a third of the measured intervals
+fell in the epoch's start and the medians of one setting spread by a quarter.
+
+--independent adds N separate 1-GPU trainings at once (own GPU and CPUs each): what the data path
+gives N GPUs when no gradients are exchanged, so the DDP run's shortfall from it is DDP's cost.
 
 --gil G adds one run on G GPUs, sampled from its second epoch on by py-spy (`record --gil`: only
 the thread holding the GIL is sampled), and prints per process and thread the functions holding
@@ -172,7 +177,8 @@ def main(argv=None):
     p.add_argument("--work", type=Path, default=Path("/tmp/bench_scaling"), help="folder for data and runs")
     p.add_argument("--shards", type=Path, default=None, help="use these shards instead of preparing some")
     p.add_argument("--classes", type=int, default=100, help="generated classes")
-    p.add_argument("--train-per-class", type=int, default=400, help="generated train images per class")
+    p.add_argument("--train-per-class", type=int, default=800, help="generated train images per class "
+                   "(80,000 by default: 2-GPU epochs of 156 steps; shorter ones measure the epoch start)")
     p.add_argument("--val-per-class", type=int, default=20, help="generated val images per class")
     p.add_argument("--shard-size", type=int, default=250, help="images per shard")
     p.add_argument("--gpus", default="1,2", help="GPU counts to compare, the first is the baseline")
@@ -185,7 +191,7 @@ def main(argv=None):
                    "above 1, N separate 1-GPU trainings at once (own GPU and CPUs each, no "
                    "gradient exchange): the sum of their rates is the data path's N-GPU ceiling")
     p.add_argument("--repeats", type=int, default=2, help="runs of each setting")
-    p.add_argument("--epochs", type=int, default=3, help="epochs per run (the last is measured)")
+    p.add_argument("--epochs", type=int, default=2, help="epochs per run (the last is measured)")
     p.add_argument("--arch", default="alexnetowtbn", help="model")
     p.add_argument("--batch-per-gpu", type=int, default=256, help="batch per GPU")
     p.add_argument("--workers-per-gpu", type=int, default=8, help="loader workers per GPU")
