@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tools.imagenet.graphed import WARMUP, GraphedStep  # noqa: E402
 from tools.imagenet.models import build_model  # noqa: E402
 
 
@@ -38,7 +39,17 @@ def timed_rate(step, batch, warmup, steps, repeats):
 
 
 def measure(arch, batch, crop=224, num_classes=1000, amp=True, channels_last=True, compile_model=False,
-            warmup=10, steps=30, repeats=3, world=1):
+            warmup=10, steps=30, repeats=3, world=1, cuda_graphs=False):
+    if cuda_graphs:  # DDP and the capture on one side stream, as in tools.train
+        with torch.cuda.stream(torch.cuda.Stream()):
+            return _measure(arch, batch, crop, num_classes, amp, channels_last, compile_model,
+                            max(warmup, WARMUP + 2), steps, repeats, world, cuda_graphs)
+    return _measure(arch, batch, crop, num_classes, amp, channels_last, compile_model, warmup, steps,
+                    repeats, world, cuda_graphs)
+
+
+def _measure(arch, batch, crop, num_classes, amp, channels_last, compile_model, warmup, steps, repeats,
+             world, cuda_graphs):
     device = torch.device("cuda", torch.cuda.current_device())
     torch.backends.cudnn.benchmark = True
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -51,7 +62,12 @@ def measure(arch, batch, crop=224, num_classes=1000, amp=True, channels_last=Tru
     x = torch.randn(batch, 3, crop, crop, device=device, generator=gen).contiguous(memory_format=fmt)
     y = torch.randint(0, num_classes, (batch,), device=device, generator=gen)
 
+    graphed = GraphedStep(net, opt, torch.bfloat16 if amp else None, batch) if cuda_graphs else None
+
     def train_step():
+        if graphed is not None:
+            graphed(x, y)
+            return
         with torch.autocast("cuda", torch.bfloat16, enabled=amp):
             loss = F.cross_entropy(net(x), y)
         opt.zero_grad(set_to_none=True)
@@ -68,6 +84,7 @@ def measure(arch, batch, crop=224, num_classes=1000, amp=True, channels_last=Tru
     model.eval()
     infer = timed_rate(infer_step, batch, warmup, steps, repeats)  # per GPU: eval has no collective
     return {"arch": arch, "batch_per_gpu": batch, "gpus": world, "compile": compile_model,
+            "cuda_graphs": cuda_graphs,
             "train_images_per_s": train, "infer_images_per_s_per_gpu": infer}
 
 
@@ -77,16 +94,20 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=256, help="batch per GPU (default 256)")
     p.add_argument("--crop", type=int, default=224, help="input size (default 224)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model too")
+    p.add_argument("--cuda-graphs", action="store_true", help="the train step as one CUDA graph "
+                   "(tools/imagenet/graphed.py)")
     p.add_argument("--steps", type=int, default=30, help="steps per timed window (default 30)")
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     args = p.parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
+        if args.cuda_graphs:  # see tools/imagenet/graphed.py
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
         dist.init_process_group("nccl")
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     for arch in args.arch or ["alexnetowtbn"]:
         r = measure(arch, args.batch, args.crop, amp=not args.fp32, compile_model=args.compile,
-                    steps=args.steps, world=world)
+                    steps=args.steps, world=world, cuda_graphs=args.cuda_graphs)
         if int(os.environ.get("RANK", 0)) == 0:
             print(json.dumps(r), flush=True)
     if world > 1:

@@ -1,4 +1,5 @@
 """tools/train.py on the CPU, in one process: outputs, exact resume, NaN stop, schedules."""
+import inspect
 import json
 import math
 
@@ -91,7 +92,7 @@ def test_sigterm_stops_after_the_step_and_resume_restarts_the_epoch(shards, tmp_
     original = train.train_epoch
 
     def preempted(epoch, *args, **kwargs):
-        stop = args[-2]
+        stop = inspect.signature(original).bind(epoch, *args, **kwargs).arguments["stop"]
         if epoch == 2:
             stop.set = True  # what the SIGTERM handler does
         return original(epoch, *args, **kwargs)

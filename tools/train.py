@@ -47,6 +47,7 @@ from tools.imagenet.distributed import all_reduce, setup, work_stream
 from tools.imagenet.distributed import amp_dtype as autocast_dtype
 from tools.imagenet import fsutil
 from tools.imagenet.evaluation import evaluate
+from tools.imagenet.graphed import GraphedStep
 from tools.imagenet import gpu_data
 from tools.imagenet.loader import (IMAGENET_MEAN, IMAGENET_STD, batches_per_epoch, normalize,
                                    read_manifest, resolve_decode, train_loader, val_loader)
@@ -142,6 +143,11 @@ def parse_args(argv=None):
     a("--grad-allreduce", default="fp32", choices=["fp32", "bf16"], help="--parallel ddp: "
       "dtype the gradients travel in; bf16 halves the bytes of each all-reduce (DDP's "
       "bf16_compress_hook: sum in bf16, then back to fp32 for the optimizer)")
+    a("--cuda-graphs", action="store_true", help="capture the training step (forward, "
+      "backward, DDP's all-reduces, SGD) in one CUDA graph after 11 eager steps and replay it: "
+      "one host call per step instead of hundreds, for a host busy feeding the GPU. Captures "
+      "again when the LR or weight decay changes; needs CUDA, --schedule regime or step, no "
+      "--compile, --parallel ddp")
     a("--profile-steps", type=int, default=0, help="profile this many steps of the first "
       "epoch, after 30 steps (a third of the epoch if shorter), with torch.profiler: "
       "profile_rank{R}.json (Chrome trace) and profile_rank{R}.txt (per host thread: time in "
@@ -152,6 +158,12 @@ def parse_args(argv=None):
     for name in ("epochs", "batch_size", "crop_size", "log_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.cuda_graphs:
+        clash = {"--compile": args.compile, "--parallel owt": args.parallel == "owt",
+                 "--schedule cosine (a new LR every step)": args.schedule == "cosine",
+                 "--device cpu": args.device == "cpu"}
+        if any(clash.values()):
+            p.error(f"--cuda-graphs does not go with {', '.join(k for k, v in clash.items() if v)}")
     return args
 
 
@@ -264,11 +276,23 @@ class GpuStepTimer:
         return total
 
 
+def eager_step(model, optimizer, amp_dtype, device):
+    """The training step, op by op: (x, y) -> (logits, loss)."""
+    def step(x, y):
+        with autocast(device, amp_dtype):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return logits, loss
+    return step
+
+
 def train_epoch(epoch, model, optimizer, schedule, loader, device, mean, std, args, rank, world,
-                stop, log, on_step=None):
-    """One epoch; returns the epoch's global train numbers or None when interrupted. on_step:
-    called after each step (a profiler's)."""
-    amp_dtype = autocast_dtype(args.amp, device)
+                stop, log, train_step, on_step=None):
+    """One epoch of train_step (eager_step or a GraphedStep); returns the epoch's global train
+    numbers or None when interrupted. on_step: called after each step (a profiler's)."""
     n = len(loader)
     lr = schedule.apply(optimizer, epoch)
     model.train()
@@ -288,12 +312,7 @@ def train_epoch(epoch, model, optimizer, schedule, loader, device, mean, std, ar
         t_step = time.perf_counter()
         if schedule.per_step:
             lr = schedule.apply(optimizer, epoch, (it - 1) / n)
-        with autocast(device, amp_dtype):
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        logits, loss = train_step(x, y)
         gpu_steps.stop()
         step_host += time.perf_counter() - t_step
         steps += 1
@@ -495,6 +514,12 @@ def train(args, rank, world, device, stop):
               f"{args.batch_size}, {n} iterations/epoch, epochs {start}-{args.epochs}, decode "
               f"{decode}{f' ({decoder})' if decoder and device.type == 'cuda' else ''}", flush=True)
 
+    if args.cuda_graphs:
+        if device.type != "cuda":
+            raise SystemExit("error: --cuda-graphs needs a CUDA GPU")
+        train_step = GraphedStep(model, optimizer, amp_dtype, local_batch)
+    else:
+        train_step = eager_step(model, optimizer, amp_dtype, device)
     metrics = None
     for epoch in range(start, args.epochs + 1):
         seed_all(args.seed * 100003 + epoch * 1009 + rank)  # dropout etc.: depends on epoch only
@@ -512,7 +537,7 @@ def train(args, rank, world, device, stop):
         profiler = StepProfiler(out, rank, args.profile_steps if epoch == start else 0,
                                 skip=min(30, n // 3))
         train_metrics = train_epoch(epoch, model, optimizer, schedule, loader, device, mean, std,
-                                    args, rank, world, stop, log, on_step=profiler.step)
+                                    args, rank, world, stop, log, train_step, on_step=profiler.step)
         profiler.close()
         if train_metrics is None:
             if rank == 0:
@@ -557,6 +582,10 @@ def train(args, rank, world, device, stop):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.cuda_graphs:
+        # PyTorch's CUDA graph notes: DDP's captured all-reduces need NCCL's asynchronous error
+        # handling off (set before the process group exists)
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
     rank, world, device = setup(args.device)
     try:
         with StopFlag() as stop, work_stream(device):
