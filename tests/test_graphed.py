@@ -101,7 +101,8 @@ def test_ddp_training_with_cuda_graphs_on_two_gpus(tmp_path):
            "-m", "tools.train", "--shards", str(info["dir"]), "--out", str(out), "--arch", "alexnetowtbn",
            "--crop-size", "64", "--batch-size", "16", "--epochs", "2", "--workers", "2", "--log-every", "2",
            "--amp", "bf16", "--channels-last", "--cuda-graphs"]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": path}, capture_output=True,
                           text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert (out / "final.json").is_file() and (out / "model_002.pt").is_file()
