@@ -88,7 +88,7 @@ def test_captured_step_trains_like_the_eager_step():
     with torch.cuda.stream(torch.cuda.Stream()):  # as tools.train: never the legacy default stream
         eager, eager_losses, _ = _train("static", "cuda", batches, lr_change_at=WARMUP + 8)
         graphed, graphed_losses, step = _train("graph", "cuda", batches, lr_change_at=WARMUP + 8)
-    assert step.captures == 2  # the first replay, then the LR change
+    assert step.captures == 2 and step.replays == 12  # the first replay, then the LR change
     _close(eager, graphed, 1e-4)
     assert graphed_losses == pytest.approx(eager_losses, rel=1e-4)
 
@@ -106,3 +106,5 @@ def test_ddp_training_with_cuda_graphs_on_two_gpus(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert (out / "final.json").is_file() and (out / "model_002.pt").is_file()
+    # 2 x 10 steps: 11 eager, then one capture and 9 replays
+    assert "cuda graphs: 9 steps replayed, 1 capture(s) so far" in proc.stdout

@@ -562,6 +562,9 @@ def train(args, rank, world, device, stop):
             log.write(metrics)
             write_epoch_logs(out, log.records())
             plot_curves(out / "curves.png", log.records())
+            if args.cuda_graphs:
+                print(f"cuda graphs: {train_step.replays} steps replayed, {train_step.captures} "
+                      f"capture(s) so far", flush=True)
             print(f"epoch {epoch}: train loss {metrics['train_loss']:.4f} top1-err "
                   f"{metrics['train_top1_err']:.2f}% | val loss {v['loss']:.4f} top1-err "
                   f"{v['top1_err']:.2f}% top5-err {v['top5_err']:.2f}% ({v['count']} images) "

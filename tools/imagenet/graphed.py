@@ -38,7 +38,8 @@ class GraphedStep:
     def __init__(self, model, optimizer, amp_dtype, batch_size, capture=True):
         self.model, self.optimizer, self.amp_dtype = model, optimizer, amp_dtype
         self.batch, self.capture = batch_size, capture
-        self.graph, self.key, self.outputs, self.steps, self.captures = None, None, None, 0, 0
+        self.graph, self.key, self.outputs, self.steps = None, None, None, 0
+        self.captures = self.replays = 0
         self.x = self.y = self.w = None
         if isinstance(model, DistributedDataParallel):
             # DDP times its first 10 iterations and every 100th with CUDA events: not in a capture
@@ -97,5 +98,6 @@ class GraphedStep:
             self._capture()
             self.key = key
         self.graph.replay()
+        self.replays += 1
         logits, loss = self.outputs
         return logits[:n], loss
