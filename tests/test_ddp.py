@@ -100,20 +100,23 @@ def test_two_nodes_on_localhost(tmp_path):
     assert json.loads((out / "final.json").read_text())["checkpoint"].endswith("model_001.pt")
 
 
+def _one_epoch_on_two_ranks(shards, out, *flags):
+    """The checkpoint of a 2-rank gloo run of one epoch with these extra flags."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(_free_port()),
+           *_train_args(shards, out, "--batch-size", 6, "--epochs", 1, "--workers", 0, *flags)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return ckpt.load(out / "model_001.pt")
+
+
 def test_bn_stats_synced_per_epoch_save_what_per_step_saves(tmp_path):
     # Train mode normalises with the batch's own statistics, and rank 0 keeps its own running
     # statistics either way (DDP broadcasts rank 0's): the saved models must be equal.
     info = write_shards(tmp_path / "shards", train_counts=[10, 7, 3], val_counts=[5, 4])
-    states = {}
-    for mode in ("step", "epoch"):
-        out = tmp_path / mode
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-               "--master-port", str(_free_port()),
-               *_train_args(info["dir"], out, "--batch-size", 6, "--epochs", 1, "--workers", 0,
-                            "--bn-stats-sync", mode, "--bucket-mb", 0.5)]
-        proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        states[mode] = ckpt.load(out / "model_001.pt")["model"]
+    states = {mode: _one_epoch_on_two_ranks(info["dir"], tmp_path / mode, "--bn-stats-sync", mode,
+                                            "--bucket-mb", 0.5)["model"]
+              for mode in ("step", "epoch")}
     assert any("running_mean" in k for k in states["step"])
     for k, v in states["step"].items():
         assert torch.equal(v, states["epoch"][k]), k
@@ -122,16 +125,8 @@ def test_bn_stats_synced_per_epoch_save_what_per_step_saves(tmp_path):
 def test_gradients_travel_in_bf16_when_asked(tmp_path):
     # bf16 all-reduce rounds the summed gradients: close to the fp32 run's weights, not equal
     info = write_shards(tmp_path / "shards", train_counts=[10, 7, 3], val_counts=[5, 4])
-    states = {}
-    for dtype in ("fp32", "bf16"):
-        out = tmp_path / dtype
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-               "--master-port", str(_free_port()),
-               *_train_args(info["dir"], out, "--batch-size", 6, "--epochs", 1, "--workers", 0,
-                            "--grad-allreduce", dtype)]
-        proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        states[dtype] = ckpt.load(out / "model_001.pt")
+    states = {dtype: _one_epoch_on_two_ranks(info["dir"], tmp_path / dtype, "--grad-allreduce", dtype)
+              for dtype in ("fp32", "bf16")}
     assert states["bf16"]["settings"]["grad_allreduce"] == "bf16"
     weights = [k for k, v in states["fp32"]["model"].items() if v.is_floating_point() and "weight" in k]
     diffs = [(states["fp32"]["model"][k] - states["bf16"]["model"][k]).abs().max().item() for k in weights]
