@@ -11,8 +11,8 @@ gpu, batch --batch-per-gpu per GPU); the 1-GPU runs are pinned to --cpus-per-gpu
 one GPU with 16 cores), the others use the whole machine. Its rate is the median of the last
 epoch's 10-step log intervals (the first dropped), with every rank's data wait, host time issuing
 the steps and GPU time in steps (tools.train's per-rank log fields). The default data (80,000
-train images) gives 2-GPU epochs of 156 steps: with half that, a third of the measured intervals
-fell in the epoch's start and the medians of one setting spread by a quarter.
+train images) gives 2-GPU epochs of 156 steps (15 measured intervals): with half that (7), the
+2-GPU medians of one setting spread from 25.6k to 38.0k img/s between runs on 2 x H200.
 
 --independent adds N separate 1-GPU trainings at once (own GPU and CPUs each): what the data path
 gives N GPUs when no gradients are exchanged, so the DDP run's shortfall from it is DDP's cost.
@@ -74,9 +74,8 @@ def train_command(args, shards, out, gpus, flags, first_cpu=0):
     """One torchrun of tools.train; a 1-GPU run is pinned to --cpus-per-gpu CPUs from first_cpu
     (where the machine has more, as the issue's one GPU with 16 cores)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", gpus]
-    cpus = args.cpus_per_gpu
-    if gpus == 1 and cpus and shutil.which("taskset") and (os.cpu_count() or 1) >= first_cpu + cpus \
-            and (os.cpu_count() or 1) > cpus:
+    cpus, machine = args.cpus_per_gpu, os.cpu_count() or 1
+    if gpus == 1 and cpus and shutil.which("taskset") and machine > cpus and machine >= first_cpu + cpus:
         launcher = ["taskset", "-c", f"{first_cpu}-{first_cpu + cpus - 1}", *launcher]
     return [*launcher, "-m", "tools.train", "--shards", shards, "--out", out, "--arch", args.arch,
             "--batch-size", args.batch_per_gpu * gpus, "--workers", args.workers_per_gpu,
