@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tools.imagenet.graphed import WARMUP, GraphedStep  # noqa: E402
+from tools.imagenet.distributed import work_stream  # noqa: E402
+from tools.imagenet.graphed import WARMUP, GraphedStep, before_process_group  # noqa: E402
 from tools.imagenet.models import build_model  # noqa: E402
+from tools.train import eager_step  # noqa: E402
 
 
 def timed_rate(step, batch, warmup, steps, repeats):
@@ -41,7 +42,7 @@ def timed_rate(step, batch, warmup, steps, repeats):
 def measure(arch, batch, crop=224, num_classes=1000, amp=True, channels_last=True, compile_model=False,
             warmup=10, steps=30, repeats=3, world=1, cuda_graphs=False):
     if cuda_graphs:  # DDP and the capture on one side stream, as in tools.train
-        with torch.cuda.stream(torch.cuda.Stream()):
+        with work_stream(torch.device("cuda", torch.cuda.current_device())):
             return _measure(arch, batch, crop, num_classes, amp, channels_last, compile_model,
                             max(warmup, WARMUP + 2), steps, repeats, world, cuda_graphs)
     return _measure(arch, batch, crop, num_classes, amp, channels_last, compile_model, warmup, steps,
@@ -62,17 +63,11 @@ def _measure(arch, batch, crop, num_classes, amp, channels_last, compile_model, 
     x = torch.randn(batch, 3, crop, crop, device=device, generator=gen).contiguous(memory_format=fmt)
     y = torch.randint(0, num_classes, (batch,), device=device, generator=gen)
 
-    graphed = GraphedStep(net, opt, torch.bfloat16 if amp else None, batch) if cuda_graphs else None
+    amp_dtype = torch.bfloat16 if amp else None
+    step = GraphedStep(net, opt, amp_dtype, batch) if cuda_graphs else eager_step(net, opt, amp_dtype, device)
 
     def train_step():
-        if graphed is not None:
-            graphed(x, y)
-            return
-        with torch.autocast("cuda", torch.bfloat16, enabled=amp):
-            loss = F.cross_entropy(net(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        step(x, y)
 
     @torch.no_grad()
     def infer_step():
@@ -101,8 +96,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
-        if args.cuda_graphs:  # see tools/imagenet/graphed.py
-            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
+        if args.cuda_graphs:
+            before_process_group()
         dist.init_process_group("nccl")
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     for arch in args.arch or ["alexnetowtbn"]:

@@ -47,7 +47,7 @@ from tools.imagenet.distributed import all_reduce, setup, work_stream
 from tools.imagenet.distributed import amp_dtype as autocast_dtype
 from tools.imagenet import fsutil
 from tools.imagenet.evaluation import evaluate
-from tools.imagenet.graphed import GraphedStep
+from tools.imagenet.graphed import GraphedStep, before_process_group
 from tools.imagenet import gpu_data
 from tools.imagenet.loader import (IMAGENET_MEAN, IMAGENET_STD, batches_per_epoch, normalize,
                                    read_manifest, resolve_decode, train_loader, val_loader)
@@ -586,9 +586,7 @@ def train(args, rank, world, device, stop):
 def main(argv=None):
     args = parse_args(argv)
     if args.cuda_graphs:
-        # PyTorch's CUDA graph notes: DDP's captured all-reduces need NCCL's asynchronous error
-        # handling off (set before the process group exists)
-        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
+        before_process_group()
     rank, world, device = setup(args.device)
     try:
         with StopFlag() as stop, work_stream(device):

@@ -19,11 +19,19 @@ What a graph fixes at capture, and how this class keeps it right:
 DDP: constructed on the stream the capture uses (tools.train's work stream), at least 11 eager
 steps before the capture, NCCL's asynchronous error handling off (PyTorch's CUDA graph notes).
 """
+import os
+
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 WARMUP = 11  # eager steps before the capture: DDP needs 11; they also let cuDNN autotune
+
+
+def before_process_group():
+    """Call before init_process_group: DDP's captured all-reduces need NCCL's asynchronous error
+    handling off (PyTorch's CUDA graph notes)."""
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
 
 
 def weighted_loss(logits, y, weights):
