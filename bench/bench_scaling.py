@@ -171,6 +171,23 @@ def gil_summary(raw_text, top=8, groups=16):
     return "\n".join(lines) + "\n"
 
 
+def summarize(results, base_gpus, path):
+    """Rows per (setting, GPU count): runs, median, ratio to the base setting on base_gpus GPUs,
+    per-rank medians; written to `path` after every run, so a call cut short keeps what it measured."""
+    base_runs = results.get(("base", base_gpus))
+    base = statistics.median(x["rate"] for x in base_runs) if base_runs else float("nan")
+    rows = []
+    for (name, g), runs in results.items():
+        med = statistics.median(x["rate"] for x in runs)
+        per_rank = {k: [round(statistics.median(x[k][i] for x in runs), 2) for i in range(g)]
+                    for k in ("data_share_ranks", "step_host_ranks", "gpu_busy_ranks")}
+        rows.append({"variant": name, "gpus": g, "runs": [round(x["rate"]) for x in runs], "median": med,
+                     "vs_base_1": med / base, **per_rank,
+                     "intervals": [x["images_per_s_intervals"] for x in runs]})
+    path.write_text(json.dumps(rows, indent=2))
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=Path("/tmp/bench_scaling"), help="folder for data and runs")
@@ -215,10 +232,12 @@ def main(argv=None):
         for name, flags, env in variants:
             for g in gpu_counts if name == "base" else variant_gpus:
                 results[(name, g)].append(run_once(args, shards, f"{name}-g{g}-r{r}", g, flags, env))
+                summarize(results, gpu_counts[0], args.work / "bench_scaling.json")
         if args.independent:
             for g in gpu_counts[1:]:
                 results[("independent", g)].append(run_once(args, shards, f"independent-g{g}-r{r}", g, [],
                                                             independent=True))
+                summarize(results, gpu_counts[0], args.work / "bench_scaling.json")
 
     gil_text = None
     if args.gil:
@@ -230,16 +249,7 @@ def main(argv=None):
         gil_text = gil_summary(raw.read_text())
         (args.work / "gil_summary.txt").write_text(gil_text)
 
-    base = statistics.median(x["rate"] for x in results[("base", gpu_counts[0])])
-    rows = []
-    for (name, g), runs in results.items():
-        med = statistics.median(x["rate"] for x in runs)
-        per_rank = {k: [round(statistics.median(x[k][i] for x in runs), 2) for i in range(g)]
-                    for k in ("data_share_ranks", "step_host_ranks", "gpu_busy_ranks")}
-        rows.append({"variant": name, "gpus": g, "runs": [round(x["rate"]) for x in runs], "median": med,
-                     "vs_base_1": med / base, **per_rank,
-                     "intervals": [x["images_per_s_intervals"] for x in runs]})
-    (args.work / "bench_scaling.json").write_text(json.dumps(rows, indent=2))
+    rows = summarize(results, gpu_counts[0], args.work / "bench_scaling.json")
     if gil_text:
         print("\n== GIL holders (py-spy --gil) ==\n" + gil_text)
     print(f"\n== images/s, median of {args.repeats} runs (ratio: to base on {gpu_counts[0]} GPU(s)) ==")

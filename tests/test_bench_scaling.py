@@ -1,6 +1,7 @@
 """bench/bench_scaling.py on the CPU: variant parsing, the GIL table, and a real 1-vs-2-process run."""
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -60,3 +61,18 @@ def test_one_against_two_processes_on_the_cpu(tmp_path, capsys):
     assert "BENCH_SCALING_PROBE=1" in printed
     assert next(r for r in rows if r["variant"] == "base" and r["gpus"] == 1)["vs_base_1"] == 1.0
     assert "images/s, median of 1 runs" in printed
+
+
+def test_summary_is_written_after_each_run_even_before_the_baseline(tmp_path):
+    path = tmp_path / "bench_scaling.json"
+    run = {"rate": 100.0, "data_share_ranks": [0.1, 0.3], "step_host_ranks": [0.5, 0.5],
+           "gpu_busy_ranks": [0.9, 0.8], "images_per_s_intervals": [90, 110]}
+    results = {("base", 2): [run]}
+    bench_scaling.summarize(results, 1, path)  # the 1-GPU baseline has not run yet
+    (row,) = json.loads(path.read_text())
+    assert row["runs"] == [100] and math.isnan(row["vs_base_1"])
+    results[("base", 1)] = [{**run, "rate": 50.0, "data_share_ranks": [0.2], "step_host_ranks": [0.4],
+                             "gpu_busy_ranks": [0.7]}]
+    rows = {(r["variant"], r["gpus"]): r for r in bench_scaling.summarize(results, 1, path)}
+    assert rows[("base", 2)]["vs_base_1"] == 2.0 and rows[("base", 2)]["data_share_ranks"] == [0.1, 0.3]
+    assert len(json.loads(path.read_text())) == 2
