@@ -177,12 +177,14 @@ def summarize(results, base_gpus, path):
     base_runs = results.get(("base", base_gpus))
     base = statistics.median(x["rate"] for x in base_runs) if base_runs else float("nan")
     rows = []
+    shares = ("data_share_ranks", "step_host_ranks", "gpu_busy_ranks")
     for (name, g), runs in results.items():
         med = statistics.median(x["rate"] for x in runs)
-        per_rank = {k: [round(statistics.median(x[k][i] for x in runs), 2) for i in range(g)]
-                    for k in ("data_share_ranks", "step_host_ranks", "gpu_busy_ranks")}
+        per_rank = {k: [round(statistics.median(x[k][i] for x in runs), 2) for i in range(g)] for k in shares}
         rows.append({"variant": name, "gpus": g, "runs": [round(x["rate"]) for x in runs], "median": med,
                      "vs_base_1": med / base, **per_rank,
+                     # each run's own: a slow run shows which rank held the others up
+                     "runs_ranks": [{k: [round(v, 2) for v in x[k]] for k in shares} for x in runs],
                      "intervals": [x["images_per_s_intervals"] for x in runs]})
     path.write_text(json.dumps(rows, indent=2))
     return rows

@@ -43,6 +43,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from tools.imagenet import checkpoint as ckpt
+from tools.imagenet.autotune import cudnn_searches, search_quietly
 from tools.imagenet.distributed import all_reduce, setup, work_stream
 from tools.imagenet.distributed import amp_dtype as autocast_dtype
 from tools.imagenet import fsutil
@@ -127,6 +128,11 @@ def parse_args(argv=None):
       "its .features only)")
     a("--backend", default="cudnn", choices=["cudnn", "native"],
       help="cudnn: cuDNN with autotuning; native: cuDNN off (the seed's cunn)")
+    a("--cudnn-autotune", default="quiet", choices=["quiet", "inline"], help="where cuDNN "
+      "times its convolution algorithms (--backend cudnn, not --deterministic): quiet: on a "
+      "synthetic batch before the data pipeline starts; inline: on the first real batches, "
+      "beside the GPU data path's decode, which can disturb the timings and keep a slow "
+      "algorithm for the whole run")
     a("--deterministic", action="store_true", help="deterministic algorithms, no autotuning "
       "(for tests and exact resumes)")
     a("--log-every", type=int, default=50, help="log line and metrics record every N iterations (also "
@@ -476,6 +482,16 @@ def train(args, rank, world, device, stop):
     if args.resume and found is not None:
         state = ckpt.load(found)
         raw.load_state_dict(state["model"])  # the plain layout, whichever mode saved it
+    amp_dtype = autocast_dtype(args.amp, device)
+    local_batch = args.batch_size // world
+    decode = resolve_decode(args.decode) if device.type == "cuda" or args.decode != "auto" else "cpu"
+    if args.cudnn_autotune == "quiet" and cudnn_searches(device):
+        # the GPU data path hands over batches in the autocast dtype, the CPU path in float32
+        input_dtype = (amp_dtype or torch.float32) if decode == "gpu" else torch.float32
+        seconds = search_quietly(raw, device, local_batch, args.val_batch_size or local_batch,
+                                 args.crop_size, input_dtype, amp_dtype, args.channels_last)
+        if rank == 0:
+            print(f"cuDNN algorithms chosen on a quiet GPU in {seconds:.1f} s", flush=True)
     model, val_model = parallelize(raw, args, world, device)
     # After wrapping: under owt the optimizer holds this rank's classifier slices.
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
@@ -497,9 +513,6 @@ def train(args, rank, world, device, stop):
         fsutil.write_json_atomic(out / "settings.json", {"settings": settings_of(args),
                                                          "versions": versions(world, device)})
 
-    amp_dtype = autocast_dtype(args.amp, device)
-    local_batch = args.batch_size // world
-    decode = resolve_decode(args.decode) if device.type == "cuda" or args.decode != "auto" else "cpu"
     bad_log = gpu_data.failure_log(out / "bad_samples.tsv", rank=rank)
     # made once here so that a missing hardware decoder fails now, not in a loader thread
     decoder = gpu_data.gpu_decoder(args.gpu_decoder, device).kind if decode == "gpu" else None
