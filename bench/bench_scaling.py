@@ -80,7 +80,7 @@ def train_command(args, shards, out, gpus, flags, first_cpu=0):
     return [*launcher, "-m", "tools.train", "--shards", shards, "--out", out, "--arch", args.arch,
             "--batch-size", args.batch_per_gpu * gpus, "--workers", args.workers_per_gpu,
             "--epochs", args.epochs, "--log-every", 10, "--seed", 1, "--device", args.device,
-            *args.train_args.split(), *flags]
+            "--step-alone", args.step_alone, *args.train_args.split(), *flags]
 
 
 def sample_gil(proc, out, raw, seconds, timeout):
@@ -130,6 +130,8 @@ def run_once(args, shards, label, gpus, flags, env=None, independent=False, gil_
                 proc.kill()
     measured = [bench_e2e.train_rate(out) for out, _, _ in runs]
     joined = {k: [v for _, _, ranks in measured for v in ranks[k]] for k in measured[0][2]}
+    joined["step_alone_ranks"] = [v for out, _, _ in runs for v in
+                                  json.loads((out / "final.json").read_text()).get("step_alone_images_per_s", [])]
     joined["images_per_s_intervals"] = [round(sum(x)) for x in zip(*(r["images_per_s_intervals"]
                                                                        for _, _, r in measured))]
     return {"rate": sum(rate for rate, _, _ in measured), **joined}
@@ -183,8 +185,10 @@ def summarize(results, base_gpus, path):
         per_rank = {k: [round(statistics.median(x[k][i] for x in runs), 2) for i in range(g)] for k in shares}
         rows.append({"variant": name, "gpus": g, "runs": [round(x["rate"]) for x in runs], "median": med,
                      "vs_base_1": med / base, **per_rank,
-                     # each run's own: a slow run shows which rank held the others up
-                     "runs_ranks": [{k: [round(v, 2) for v in x[k]] for k in shares} for x in runs],
+                     # each run's own: a slow run shows which rank held the others up, and
+                     # whether that rank's step alone was slow too
+                     "runs_ranks": [{k: [round(v, 2) for v in x[k]] for k in (*shares, "step_alone_ranks")}
+                                    for x in runs],
                      "intervals": [x["images_per_s_intervals"] for x in runs]})
     path.write_text(json.dumps(rows, indent=2))
     return rows
@@ -219,6 +223,9 @@ def main(argv=None):
     p.add_argument("--gil", type=int, default=0, help="one more run on this many GPUs (4 epochs "
                    "longer), sampled by py-spy --gil from its second epoch on")
     p.add_argument("--gil-seconds", type=int, default=6, help="how long py-spy samples (s)")
+    p.add_argument("--step-alone", type=int, default=20, help="train steps each rank times on "
+                   "synthetic batches after its run (tools.train --step-alone; 0: none): a slow run "
+                   "whose ranks are slow alone too kept slow kernels, not slow data")
     p.add_argument("--timeout", type=float, default=300, help="seconds one run may take")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="cpu: a smoke test on a machine without GPU (gloo processes stand in for GPUs)")
@@ -262,6 +269,12 @@ def main(argv=None):
                             zip(row["data_share_ranks"], row["step_host_ranks"], row["gpu_busy_ranks"]))
         print(f"{row['variant']:14s} {row['gpus']:4d} {row['median']:9,.0f} {row['vs_base_1']:5.2f}x  "
               f"{str(row['runs']):24s} {shares}")
+    if any(x["step_alone_ranks"] for row in rows for x in row["runs_ranks"]):
+        print("\n== each run: images/s, then each rank's train step alone afterwards (synthetic batches) ==")
+        for row in rows:
+            for rate, x in zip(row["runs"], row["runs_ranks"]):
+                print(f"{row['variant']:14s} {row['gpus']:4d} {rate:9,d}  alone: "
+                      f"{', '.join(f'{v:,.0f}' for v in x['step_alone_ranks'])}")
     return 0
 
 

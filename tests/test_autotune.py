@@ -1,13 +1,15 @@
 """tools/imagenet/autotune.py: cuDNN's algorithm search on a synthetic batch, run before the data
 pipeline starts, changes nothing about the training (on the CPU the search's forward and backward
 still run; only the algorithm timing itself needs cuDNN)."""
+import json
+
 import torch
 from torch import nn
 
 from tests._shards import write_shards
 from tools import train
 from tools.imagenet import checkpoint as ckpt
-from tools.imagenet.autotune import cudnn_searches, search_quietly
+from tools.imagenet.autotune import cudnn_searches, search_quietly, synthetic_step_rate
 
 
 def small_model():
@@ -38,6 +40,19 @@ def test_search_feeds_the_training_shapes_and_leaves_model_and_rng_alone():
     assert model.training
 
 
+def test_step_rate_trains_a_copy_only():
+    torch.manual_seed(0)
+    model = small_model()
+    calls = []
+    model[0].register_forward_hook(lambda m, i, o: calls.append(tuple(i[0].shape)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    rate = synthetic_step_rate(model, "cpu", batch=3, crop_size=8, steps=4, warmup=1)
+    assert rate > 0 and calls == [(3, 3, 8, 8)] * 5
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters()) and torch.equal(torch.get_rng_state(), rng)
+
+
 def test_no_val_forward_without_a_val_batch():
     model = small_model()
     modes = []
@@ -63,12 +78,13 @@ def test_training_with_the_search_equals_training_without(tmp_path, monkeypatch,
         return True
     monkeypatch.setattr(train, "cudnn_searches", searching)
 
-    def run(out, mode):
+    def run(out, mode, *extra):
         return train.main(["--shards", str(info["dir"]), "--out", str(out), "--arch", "mobilenet_v3_small",
                            "--crop-size", "32", "--batch-size", "4", "--epochs", "2", "--device", "cpu",
-                           "--workers", "0", "--deterministic", "--cudnn-autotune", mode])
-    assert run(tmp_path / "quiet", "quiet") == 0
+                           "--workers", "0", "--deterministic", "--cudnn-autotune", mode, *extra])
+    assert run(tmp_path / "quiet", "quiet", "--step-alone", "2") == 0
     assert "cuDNN algorithms chosen on a quiet GPU" in capsys.readouterr().out and len(calls) == 1
+    assert len(json.loads((tmp_path / "quiet/final.json").read_text())["step_alone_images_per_s"]) == 1
     assert run(tmp_path / "inline", "inline") == 0
     assert "cuDNN algorithms" not in capsys.readouterr().out and len(calls) == 1
     a, b = ckpt.load(tmp_path / "quiet/model_002.pt"), ckpt.load(tmp_path / "inline/model_002.pt")

@@ -57,8 +57,12 @@ def test_one_against_two_processes_on_the_cpu(tmp_path, capsys):
     assert (runs / "independent-g2-r0-0/final.json").is_file() and (runs / "independent-g2-r0-1/final.json").is_file()
     settings = json.loads((runs / "independent-g2-r0-1/settings.json").read_text())
     assert settings["versions"]["world_size"] == 1
+    # every rank timed its step alone after its run (tools.train --step-alone), one figure per rank
+    assert all(len(x["step_alone_ranks"]) == r["gpus"] and all(v > 0 for v in x["step_alone_ranks"])
+               for r in rows for x in r["runs_ranks"])
     printed = capsys.readouterr().out
-    assert "BENCH_SCALING_PROBE=1" in printed
+    assert "BENCH_SCALING_PROBE=1" in printed and "--step-alone 20" in printed
+    assert "each rank's train step alone afterwards" in printed
     assert next(r for r in rows if r["variant"] == "base" and r["gpus"] == 1)["vs_base_1"] == 1.0
     assert "images/s, median of 1 runs" in printed
 
@@ -66,15 +70,15 @@ def test_one_against_two_processes_on_the_cpu(tmp_path, capsys):
 def test_summary_is_written_after_each_run_even_before_the_baseline(tmp_path):
     path = tmp_path / "bench_scaling.json"
     run = {"rate": 100.0, "data_share_ranks": [0.1, 0.3], "step_host_ranks": [0.5, 0.5],
-           "gpu_busy_ranks": [0.9, 0.8], "images_per_s_intervals": [90, 110]}
+           "gpu_busy_ranks": [0.9, 0.8], "step_alone_ranks": [1000.0, 700.0], "images_per_s_intervals": [90, 110]}
     results = {("base", 2): [run]}
     bench_scaling.summarize(results, 1, path)  # the 1-GPU baseline has not run yet
     (row,) = json.loads(path.read_text())
     assert row["runs"] == [100] and math.isnan(row["vs_base_1"])
     results[("base", 1)] = [{**run, "rate": 50.0, "data_share_ranks": [0.2], "step_host_ranks": [0.4],
-                             "gpu_busy_ranks": [0.7]}]
+                             "gpu_busy_ranks": [0.7], "step_alone_ranks": [1000.0]}]
     rows = {(r["variant"], r["gpus"]): r for r in bench_scaling.summarize(results, 1, path)}
     assert rows[("base", 2)]["vs_base_1"] == 2.0 and rows[("base", 2)]["data_share_ranks"] == [0.1, 0.3]
     assert rows[("base", 2)]["runs_ranks"] == [{"data_share_ranks": [0.1, 0.3], "step_host_ranks": [0.5, 0.5],
-                                                "gpu_busy_ranks": [0.9, 0.8]}]
+                                                "gpu_busy_ranks": [0.9, 0.8], "step_alone_ranks": [1000.0, 700.0]}]
     assert len(json.loads(path.read_text())) == 2

@@ -40,9 +40,13 @@ def test_two_ranks_equal_steps_and_val_once(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-port", str(_free_port()),
            *_train_args(info["dir"], out, "--batch-size", 6, "--epochs", 2, "--workers", 2,
-                        "--val-batch-size", 4)]
+                        "--val-batch-size", 4, "--step-alone", 2)]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # each rank timed the step alone after training
+    alone = json.loads((out / "final.json").read_text())["step_alone_images_per_s"]
+    assert len(alone) == 2 and all(r > 0 for r in alone)
+    assert "train step alone (synthetic batches, no all-reduce), images/s per rank" in proc.stdout
     epochs = _epochs(out)
     assert [r["epoch"] for r in epochs] == [1, 2]
     for r in epochs:

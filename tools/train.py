@@ -43,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from tools.imagenet import checkpoint as ckpt
-from tools.imagenet.autotune import cudnn_searches, search_quietly
+from tools.imagenet.autotune import cudnn_searches, search_quietly, synthetic_step_rate
 from tools.imagenet.distributed import all_reduce, setup, work_stream
 from tools.imagenet.distributed import amp_dtype as autocast_dtype
 from tools.imagenet import fsutil
@@ -133,6 +133,11 @@ def parse_args(argv=None):
       "synthetic batch before the data pipeline starts; inline: on the first real batches, "
       "beside the GPU data path's decode, which can disturb the timings and keep a slow "
       "algorithm for the whole run")
+    a("--step-alone", type=int, default=0, metavar="STEPS", help="after the last epoch, "
+      "time STEPS train steps (forward, backward, SGD; no all-reduce) on a synthetic batch "
+      "through a copy of the model on every rank: what each GPU takes alone, to read the run's "
+      "images/s against (a rank far below the others kept slow cuDNN algorithms); printed and "
+      "in final.json as step_alone_images_per_s; 0: off")
     a("--deterministic", action="store_true", help="deterministic algorithms, no autotuning "
       "(for tests and exact resumes)")
     a("--log-every", type=int, default=50, help="log line and metrics record every N iterations (also "
@@ -164,6 +169,8 @@ def parse_args(argv=None):
     for name in ("epochs", "batch_size", "crop_size", "log_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.step_alone < 0:
+        p.error("--step-alone must be 0 (off) or a number of steps")
     if args.cuda_graphs:
         clash = {"--compile": args.compile, "--parallel owt": args.parallel == "owt",
                  "--schedule cosine (a new LR every step)": args.schedule == "cosine",
@@ -485,9 +492,9 @@ def train(args, rank, world, device, stop):
     amp_dtype = autocast_dtype(args.amp, device)
     local_batch = args.batch_size // world
     decode = resolve_decode(args.decode) if device.type == "cuda" or args.decode != "auto" else "cpu"
+    # the GPU data path hands over batches in the autocast dtype, the CPU path in float32
+    input_dtype = (amp_dtype or torch.float32) if decode == "gpu" else torch.float32
     if args.cudnn_autotune == "quiet" and cudnn_searches(device):
-        # the GPU data path hands over batches in the autocast dtype, the CPU path in float32
-        input_dtype = (amp_dtype or torch.float32) if decode == "gpu" else torch.float32
         seconds = search_quietly(raw, device, local_batch, args.val_batch_size or local_batch,
                                  args.crop_size, input_dtype, amp_dtype, args.channels_last)
         if rank == 0:
@@ -583,12 +590,23 @@ def train(args, rank, world, device, stop):
                   f"{v['top1_err']:.2f}% top5-err {v['top5_err']:.2f}% ({v['count']} images) "
                   f"| {metrics['images_per_s']:,.0f} img/s", flush=True)
 
+    alone = None
+    if args.step_alone:
+        rates = torch.zeros(world, dtype=torch.float64, device=device)
+        rates[rank] = synthetic_step_rate(val_model if isinstance(model, OWTModel) else raw, device,
+                                          local_batch, args.crop_size, input_dtype, amp_dtype,
+                                          args.channels_last, steps=args.step_alone)
+        alone = [round(r) for r in all_reduce(rates).tolist()]
+        if rank == 0:
+            print(f"train step alone (synthetic batches, no all-reduce), images/s per rank: "
+                  f"{', '.join(f'{r:,}' for r in alone)}", flush=True)
     if rank == 0:
         last = ckpt.latest(out)
         if metrics is None and last is not None:  # resumed a finished run
             metrics = ckpt.load(last)["metrics"]
         fsutil.write_json_atomic(out / "final.json", {**(metrics or {}), "checkpoint": str(last),
-                                                      "curves": str(out / "curves.png")})
+                                                      "curves": str(out / "curves.png"),
+                                                      **({"step_alone_images_per_s": alone} if alone else {})})
         if metrics:
             print(f"final val top-1 error {metrics['val_top1_err']:.2f}%, top-5 error "
                   f"{metrics['val_top5_err']:.2f}% (epoch {metrics['epoch']}); curves: "

@@ -1,9 +1,11 @@
-"""cuDNN's algorithm search on a quiet GPU, before the data pipeline starts.
+"""cuDNN's algorithm search on a quiet GPU, before the data pipeline starts; the step's rate alone.
 
-    from tools.imagenet.autotune import cudnn_searches, search_quietly
+    from tools.imagenet.autotune import cudnn_searches, search_quietly, synthetic_step_rate
     if cudnn_searches(device):
         search_quietly(model, device, train_batch=256, val_batch=256, crop_size=224,
                        input_dtype=torch.bfloat16, amp_dtype=torch.bfloat16, channels_last=True)
+    ...  # training
+    images_per_s = synthetic_step_rate(model, device, 256, 224, torch.bfloat16, torch.bfloat16, True)
 
 With torch.backends.cudnn.benchmark on, the first call of each convolution shape times cuDNN's
 algorithms once each and keeps the fastest for the rest of the process. In training that first
@@ -14,6 +16,9 @@ epoch at ~32k or at ~38k img/s; bench/NOTES-gpu.md phase 8). Here the search run
 synthetic batch of the training shapes (forward and backward in train mode, forward in eval mode
 for validation), on a copy of the model: the model, its gradients, BatchNorm statistics and every
 RNG are left as they were, so a run with the search trains exactly like one without.
+
+synthetic_step_rate times the train step (forward, backward, SGD) the same way after training: a
+rank whose process kept a slow algorithm shows a lower rate than its peers and than other runs.
 """
 import copy
 import time
@@ -38,23 +43,52 @@ def search_quietly(model, device, train_batch, val_batch, crop_size, input_dtype
     device = torch.device(device)
     start = time.perf_counter()
     probe = copy.deepcopy(model).to(device)
-    devices = [device] if device.type == "cuda" else []
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    with torch.random.fork_rng(devices=devices):
-        def batch(n):
-            x = torch.randn(n, 3, crop_size, crop_size, device=device).to(input_dtype)
-            return x.contiguous(memory_format=fmt)
-
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             probe.train()
-            logits = probe(batch(train_batch))
-            target = torch.zeros(train_batch, dtype=torch.int64, device=device)
-            F.cross_entropy(logits, target).backward()
+            x, y = _synthetic(train_batch, crop_size, input_dtype, channels_last, device)
+            F.cross_entropy(probe(x), y).backward()
             if val_batch:
                 probe.eval()
                 with torch.no_grad():
-                    probe(batch(val_batch))
+                    probe(_synthetic(val_batch, crop_size, input_dtype, channels_last, device)[0])
+        _sync(device)
+    return time.perf_counter() - start
+
+
+def synthetic_step_rate(model, device, batch, crop_size, input_dtype=torch.float32, amp_dtype=None,
+                        channels_last=False, steps=20, warmup=3):
+    """Images/s of `steps` train steps (forward, backward, SGD; no collective) on one synthetic
+    batch, through a copy of `model` on `device`, after `warmup` untimed ones: the rate this
+    process's GPU takes the step at with nothing beside it. `model` and the RNGs stay untouched."""
+    device = torch.device(device)
+    probe = copy.deepcopy(model).to(device).train()
+    optimizer = torch.optim.SGD(probe.parameters(), lr=1e-3, momentum=0.9)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        x, y = _synthetic(batch, crop_size, input_dtype, channels_last, device)
+
+        def step():
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = F.cross_entropy(probe(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        for _ in range(warmup):
+            step()
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(device)
+        return batch * steps / (time.perf_counter() - start)
+
+
+def _synthetic(n, crop_size, dtype, channels_last, device):
+    x = torch.randn(n, 3, crop_size, crop_size, device=device).to(dtype)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return x.contiguous(memory_format=fmt), torch.zeros(n, dtype=torch.int64, device=device)
+
+
+def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    del probe
-    return time.perf_counter() - start
