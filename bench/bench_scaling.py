@@ -12,7 +12,10 @@ one GPU with 16 cores), the others use the whole machine. Its rate is the median
 epoch's 10-step log intervals (the first dropped), with every rank's data wait, host time issuing
 the steps and GPU time in steps (tools.train's per-rank log fields). The default data (80,000
 train images) gives 2-GPU epochs of 156 steps (15 measured intervals): with half that (7), the
-2-GPU medians of one setting spread from 25.6k to 38.0k img/s between runs on 2 x H200.
+2-GPU medians of one setting spread from 25.6k to 38.0k img/s between runs on 2 x H200. Each run
+ends with every rank timing --step-alone train steps on synthetic batches (tools.train --step-alone),
+printed per run: a slow run whose ranks are slow alone too kept slow kernels (e.g. cuDNN's choice).
+The summary json is rewritten after every run, so a call cut short keeps what it measured.
 
 --independent adds N separate 1-GPU trainings at once (own GPU and CPUs each): what the data path
 gives N GPUs when no gradients are exchanged, so the DDP run's shortfall from it is DDP's cost.
