@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tools.imagenet.distributed import work_stream  # noqa: E402
 from tools.imagenet.graphed import WARMUP, GraphedStep, before_process_group  # noqa: E402
 from tools.imagenet.models import build_model  # noqa: E402
-from tools.train import eager_step  # noqa: E402
+from tools.imagenet.step import eager_step  # noqa: E402
 
 
 def timed_rate(step, batch, warmup, steps, repeats):

@@ -37,7 +37,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -57,6 +56,7 @@ from tools.imagenet.models import build_model
 from tools.imagenet.owt import OWTModel, wrap_owt
 from tools.imagenet.profiling import StepProfiler
 from tools.imagenet.schedule import Schedule
+from tools.imagenet.step import eager_step
 
 INTERRUPTED = 143  # 128 + SIGTERM, what a preempted job reports
 
@@ -223,10 +223,6 @@ def prepare(x, device, mean, std, channels_last):
                         else torch.contiguous_format)
 
 
-def autocast(device, amp_dtype):
-    return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-
-
 def run_validation(model, loader, device, mean, std, amp_dtype=None, channels_last=False):
     """Loss and top-1/top-5 error (%) over the loader's images; under DDP the sums of all ranks
     (each image once). `model` must be the plain (not DDP-wrapped) module: ranks may see
@@ -287,19 +283,6 @@ class GpuStepTimer:
         total = sum(a.elapsed_time(b) for a, b in self.spans) / 1000
         self.spans.clear()
         return total
-
-
-def eager_step(model, optimizer, amp_dtype, device):
-    """The training step, op by op: (x, y) -> (logits, loss)."""
-    def step(x, y):
-        with autocast(device, amp_dtype):
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return logits, loss
-    return step
 
 
 def train_epoch(epoch, model, optimizer, schedule, loader, device, mean, std, args, rank, world,

@@ -26,6 +26,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from tools.imagenet.step import autocast, eager_step
+
 
 def cudnn_searches(device):
     """True where the first call of a convolution shape runs cuDNN's algorithm search."""
@@ -44,7 +46,7 @@ def search_quietly(model, device, train_batch, val_batch, crop_size, input_dtype
     start = time.perf_counter()
     probe = copy.deepcopy(model).to(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with autocast(device, amp_dtype):
             probe.train()
             x, y = _synthetic(train_batch, crop_size, input_dtype, channels_last, device)
             F.cross_entropy(probe(x), y).backward()
@@ -63,22 +65,15 @@ def synthetic_step_rate(model, device, batch, crop_size, input_dtype=torch.float
     process's GPU takes the step at with nothing beside it. `model` and the RNGs stay untouched."""
     device = torch.device(device)
     probe = copy.deepcopy(model).to(device).train()
-    optimizer = torch.optim.SGD(probe.parameters(), lr=1e-3, momentum=0.9)
+    step = eager_step(probe, torch.optim.SGD(probe.parameters(), lr=1e-3, momentum=0.9), amp_dtype, device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         x, y = _synthetic(batch, crop_size, input_dtype, channels_last, device)
-
-        def step():
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = F.cross_entropy(probe(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
         for _ in range(warmup):
-            step()
+            step(x, y)
         _sync(device)
         start = time.perf_counter()
         for _ in range(steps):
-            step()
+            step(x, y)
         _sync(device)
         return batch * steps / (time.perf_counter() - start)
 
