@@ -9,34 +9,18 @@ with. bf16 autocast and channels_last as in training; prints one JSON line per m
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tools.imagenet.autotune import timed_rate  # noqa: E402
 from tools.imagenet.distributed import work_stream  # noqa: E402
 from tools.imagenet.graphed import WARMUP, GraphedStep, before_process_group  # noqa: E402
 from tools.imagenet.models import build_model  # noqa: E402
 from tools.imagenet.step import eager_step  # noqa: E402
-
-
-def timed_rate(step, batch, warmup, steps, repeats):
-    """Median images/s over `repeats` windows of `steps` steps, after `warmup` steps."""
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    rates = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-        rates.append(batch * steps / (time.perf_counter() - t))
-    return statistics.median(rates)
 
 
 def measure(arch, batch, crop=224, num_classes=1000, amp=True, channels_last=True, compile_model=False,
@@ -75,9 +59,9 @@ def _measure(arch, batch, crop, num_classes, amp, channels_last, compile_model, 
             model(x).argmax(1)
 
     model.train()
-    train = timed_rate(train_step, batch * world, warmup, steps, repeats)
+    train = timed_rate(train_step, batch * world, warmup, steps, repeats, device)
     model.eval()
-    infer = timed_rate(infer_step, batch, warmup, steps, repeats)  # per GPU: eval has no collective
+    infer = timed_rate(infer_step, batch, warmup, steps, repeats, device)  # per GPU: eval has no collective
     return {"arch": arch, "batch_per_gpu": batch, "gpus": world, "compile": compile_model,
             "cuda_graphs": cuda_graphs,
             "train_images_per_s": train, "infer_images_per_s_per_gpu": infer}

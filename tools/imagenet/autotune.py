@@ -21,6 +21,7 @@ synthetic_step_rate times the train step (forward, backward, SGD) the same way a
 rank whose process kept a slow algorithm shows a lower rate than its peers and than other runs.
 """
 import copy
+import statistics
 import time
 
 import torch
@@ -68,14 +69,24 @@ def synthetic_step_rate(model, device, batch, crop_size, input_dtype=torch.float
     step = eager_step(probe, torch.optim.SGD(probe.parameters(), lr=1e-3, momentum=0.9), amp_dtype, device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         x, y = _synthetic(batch, crop_size, input_dtype, channels_last, device)
-        for _ in range(warmup):
-            step(x, y)
-        _sync(device)
+        return timed_rate(lambda: step(x, y), batch, warmup, steps, device=device)
+
+
+def timed_rate(step, images, warmup, steps, repeats=1, device="cuda"):
+    """Median images/s of `repeats` windows of `steps` calls of step() (each `images` images),
+    after `warmup` untimed calls; waits for `device` before and after each window."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    rates = []
+    for _ in range(repeats):
         start = time.perf_counter()
         for _ in range(steps):
-            step(x, y)
+            step()
         _sync(device)
-        return batch * steps / (time.perf_counter() - start)
+        rates.append(images * steps / (time.perf_counter() - start))
+    return statistics.median(rates)
 
 
 def _synthetic(n, crop_size, dtype, channels_last, device):
