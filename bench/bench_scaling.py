@@ -10,9 +10,12 @@ Each run is `torchrun --nproc-per-node G -m tools.train` (AlexNet-BN, bf16, chan
 gpu, batch --batch-per-gpu per GPU); the 1-GPU runs are pinned to --cpus-per-gpu CPUs (the issue's
 one GPU with 16 cores), the others use the whole machine. Its rate is the median of the last
 epoch's 10-step log intervals (the first dropped), with every rank's data wait, host time issuing
-the steps and GPU time in steps (tools.train's per-rank log fields). The default data (80,000
-train images) gives 2-GPU epochs of 156 steps (15 measured intervals): with half that (7), the
-2-GPU medians of one setting spread from 25.6k to 38.0k img/s between runs on 2 x H200. Each run
+the steps and GPU time in steps (tools.train's per-rank log fields). Every epoch has
+--epoch-images images whatever the GPU count (tools.train --epoch-size; the train stream goes
+round the 50,000 generated images again): 240,000 give 2-GPU epochs of 468 steps, 46 measured
+intervals, ~7 s. Epochs of one pass over 80,000 images (15 intervals, ~2.5 s) were too short: a
+few seconds' slowdown decided a run, and one setting's 2-GPU runs spread from 23.5k to 38.6k img/s
+on 2 x H200 (bench/NOTES-gpu.md, phase 9). Each run
 ends with every rank timing --step-alone train steps on synthetic batches (tools.train --step-alone),
 printed per run: a slow run whose ranks are slow alone too kept slow kernels (e.g. cuDNN's choice).
 The summary json is rewritten after every run, so a call cut short keeps what it measured.
@@ -83,7 +86,14 @@ def train_command(args, shards, out, gpus, flags, first_cpu=0):
     return [*launcher, "-m", "tools.train", "--shards", shards, "--out", out, "--arch", args.arch,
             "--batch-size", args.batch_per_gpu * gpus, "--workers", args.workers_per_gpu,
             "--epochs", args.epochs, "--log-every", 10, "--seed", 1, "--device", args.device,
-            "--step-alone", args.step_alone, *args.train_args.split(), *flags]
+            "--step-alone", args.step_alone, *epoch_size(args, gpus), *args.train_args.split(), *flags]
+
+
+def epoch_size(args, gpus):
+    """tools.train flags for epochs of --epoch-images images on `gpus` GPUs (none: one pass)."""
+    if not args.epoch_images:
+        return []
+    return ["--epoch-size", max(1, args.epoch_images // (args.batch_per_gpu * gpus))]
 
 
 def sample_gil(proc, out, raw, seconds, timeout):
@@ -202,8 +212,7 @@ def main(argv=None):
     p.add_argument("--work", type=Path, default=Path("/tmp/bench_scaling"), help="folder for data and runs")
     p.add_argument("--shards", type=Path, default=None, help="use these shards instead of preparing some")
     p.add_argument("--classes", type=int, default=100, help="generated classes")
-    p.add_argument("--train-per-class", type=int, default=800, help="generated train images per class "
-                   "(80,000 by default: 2-GPU epochs of 156 steps; shorter ones measure the epoch start)")
+    p.add_argument("--train-per-class", type=int, default=500, help="generated train images per class")
     p.add_argument("--val-per-class", type=int, default=20, help="generated val images per class")
     p.add_argument("--shard-size", type=int, default=250, help="images per shard")
     p.add_argument("--gpus", default="1,2", help="GPU counts to compare, the first is the baseline")
@@ -217,6 +226,9 @@ def main(argv=None):
                    "gradient exchange): the sum of their rates is the data path's N-GPU ceiling")
     p.add_argument("--repeats", type=int, default=2, help="runs of each setting")
     p.add_argument("--epochs", type=int, default=2, help="epochs per run (the last is measured)")
+    p.add_argument("--epoch-images", type=int, default=240_000, help="train images per epoch, "
+                   "whatever the GPU count (0: one pass over the train set); the generated images "
+                   "repeat within an epoch")
     p.add_argument("--arch", default="alexnetowtbn", help="model")
     p.add_argument("--batch-per-gpu", type=int, default=256, help="batch per GPU")
     p.add_argument("--workers-per-gpu", type=int, default=8, help="loader workers per GPU")

@@ -43,7 +43,7 @@ def test_one_against_two_processes_on_the_cpu(tmp_path, capsys):
     info = write_shards(tmp_path / "shards", train_counts=[10, 7, 3, 9], val_counts=[5, 4])
     assert bench_scaling.main([
         "--work", str(tmp_path / "w"), "--shards", str(info["dir"]), "--device", "cpu",
-        "--gpus", "1,2", "--repeats", "1", "--epochs", "1", "--arch", "mobilenet_v3_small",
+        "--gpus", "1,2", "--repeats", "1", "--epochs", "1", "--epoch-images", "48", "--arch", "mobilenet_v3_small",
         "--batch-per-gpu", "2", "--workers-per-gpu", "1", "--cpus-per-gpu", "0",
         "--train-args", "--crop-size 64 --decode cpu", "--variant", "step:BENCH_SCALING_PROBE=1 --bn-stats-sync step", "--independent"]) == 0
     rows = json.loads((tmp_path / "w/bench_scaling.json").read_text())
@@ -52,8 +52,12 @@ def test_one_against_two_processes_on_the_cpu(tmp_path, capsys):
     for r in rows:
         assert r["median"] > 0 and len(r["runs"]) == 1 and len(r["data_share_ranks"]) == r["gpus"]
         assert r["intervals"] and all(v > 0 for v in r["intervals"][0])
-    # the independent setting: two separate 1-process trainings whose rates add up
     runs = tmp_path / "w/runs"
+    # 48 images per epoch whatever the process count, beyond the 29 train images' one pass
+    for name, steps in (("base-g1-r0", 24), ("base-g2-r0", 12)):
+        lines = [json.loads(x) for x in (runs / name / "metrics.jsonl").read_text().splitlines()]
+        assert {x["iterations"] for x in lines if x["kind"] == "train"} == {steps}, name
+    # the independent setting: two separate 1-process trainings whose rates add up
     assert (runs / "independent-g2-r0-0/final.json").is_file() and (runs / "independent-g2-r0-1/final.json").is_file()
     settings = json.loads((runs / "independent-g2-r0-1/settings.json").read_text())
     assert settings["versions"]["world_size"] == 1

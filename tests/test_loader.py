@@ -44,10 +44,22 @@ def test_every_rank_gets_the_same_number_of_batches(shards, world, workers):
     assert len(loader) == counts[0]
 
 
-def test_epoch_size_caps_batches(shards):
+def test_epoch_size_sets_batches_per_epoch_below_and_beyond_one_pass(shards):
     loader = L.train_loader(shards["dir"], 4, epoch=1, seed=0, rank=0, world_size=1, workers=0,
                             crop_size=32, epoch_size=3)
     assert len(list(loader)) == 3
+    one_pass = L.batches_per_epoch(44, 4)
+    assert one_pass == 11
+
+    def labels(epoch_size):
+        loader = L.train_loader(shards["dir"], 4, epoch=1, seed=0, rank=0, world_size=1, workers=0,
+                                crop_size=32, epoch_size=epoch_size, shuffle_buffer=1)
+        return torch.cat([y for _, y in loader])
+
+    # beyond one pass the stream goes round again (unshuffled here, so passes do not mix): two
+    # passes show every train image twice
+    once, twice = labels(one_pass), labels(2 * one_pass)
+    assert len(twice) == 88 and torch.equal(torch.bincount(twice), 2 * torch.bincount(once))
 
 
 def test_shard_assignment_changes_between_epochs(shards):

@@ -9,6 +9,7 @@ import torch
 from tests._shards import write_shards
 from tools import train
 from tools.imagenet import checkpoint as ckpt
+from tools.imagenet.interval_meter import GpuStepTimer, IntervalMeter
 from tools.imagenet.schedule import Schedule, regime
 
 ARCH = "mobilenet_v3_small"  # a torchvision model with batch norm, tiny at 6 classes and 64 px
@@ -155,12 +156,12 @@ def test_trains_on_the_shard_stage_output(mini_shards, tmp_path):
 
 
 def test_gpu_step_timer():
-    cpu = train.GpuStepTimer(torch.device("cpu"))
+    cpu = GpuStepTimer(torch.device("cpu"))
     cpu.start(), cpu.stop()
     assert cpu.seconds() == 0.0
     if not torch.cuda.is_available():
         return
-    timer = train.GpuStepTimer(torch.device("cuda"))
+    timer = GpuStepTimer(torch.device("cuda"))
     for _ in range(2):
         timer.start()
         torch.cuda._sleep(50_000_000)  # tens of ms of GPU time, none of host time
@@ -182,3 +183,70 @@ def test_profile_steps_writes_a_trace_and_a_per_thread_table(shards, tmp_path):
     table = (out / "profile_rank0.txt").read_text()
     assert table.startswith("2 steps, rank 0") and "(training loop)" in table
     assert "aten::" in table
+
+
+def test_gpu_summary_reports_stream_busy_time_and_overlap():
+    from tools.imagenet.profiling import gpu_summary
+    k = lambda tid, ts, dur, name: {"ph": "X", "cat": "kernel", "pid": 0, "tid": tid, "ts": ts,
+                                     "dur": dur, "name": name}
+    trace = {"traceEvents": [k(7, 0, 1000, "conv"), k(7, 1000, 1000, "conv"), k(7, 3000, 1000, "gemm"),
+                             k(9, 1500, 2000, "crop"), {"ph": "X", "cat": "cpu_op", "ts": 0, "dur": 9}]}
+    table = gpu_summary(trace)
+    # window 0-4 ms; busy 0-2, 1.5-3.5, 3-4 -> all 4 ms; two at once 1.5-2 and 3-3.5 -> 1 ms
+    assert table.startswith("GPU: window 4.00 ms, any stream busy 4.00 ms, two or more streams at once 1.00 ms")
+    assert "stream 7 (device 0): busy 3.00 ms, 3 events" in table
+    assert "2.00 ms      2x  conv" in table and "stream 9 (device 0): busy 2.00 ms" in table
+    assert gpu_summary({"traceEvents": []}) == ""
+
+
+def test_interval_meter_reads_each_interval_one_boundary_late():
+    meter = IntervalMeter(torch.device("cpu"), rank=0, world=1)
+    meter.add(torch.tensor(2.0), torch.tensor(3), torch.tensor(4), 4)
+    # the first boundary queues the interval and returns nothing: nothing is read yet
+    assert meter.close(seen=4, data_wait=0.5, step_host=1.0, elapsed=2.0, iteration=10) == []
+    meter.add(torch.tensor(1.0), torch.tensor(1), torch.tensor(2), 2)
+    first, = meter.close(seen=2, data_wait=0.0, step_host=0.5, elapsed=1.0, iteration=20)
+    assert first["iteration"] == 10 and first["count"] == 4 and first["loss_sum"] == 8.0
+    assert (first["top1_correct"], first["top5_correct"]) == (3.0, 4.0)
+    assert first["data_share_ranks"] == [0.25] and first["step_host_ranks"] == [0.5]
+    assert first["gpu_busy_ranks"] == [0.0] and not first["stopping"]
+    meter.add(torch.tensor(3.0), torch.tensor(0), torch.tensor(1), 1)
+    # the epoch's end reads the pending interval and its own; the sums start again from zero
+    second, third = meter.close(seen=1, data_wait=0.0, step_host=0.1, elapsed=0.5, stop=True,
+                                final=True, iteration=21)
+    assert (second["iteration"], second["loss_sum"], second["count"]) == (20, 2.0, 2)
+    assert (third["iteration"], third["loss_sum"], third["count"]) == (21, 3.0, 1)
+    assert second["stopping"] and third["stopping"] and meter.flush() == []
+
+
+def _meter_rank(rank, init, results):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        meter = IntervalMeter(torch.device("cpu"), rank, 2, dist.group.WORLD)
+        seen = []
+        for boundary in range(1, 4):
+            meter.add(torch.tensor(1.0 + rank), torch.tensor(1), torch.tensor(2), 2)
+            # rank 1 is asked to stop at the second boundary; rank 0 is not
+            recs = meter.close(seen=2, data_wait=0.1 * (rank + 1), step_host=0.5, elapsed=1.0,
+                               stop=rank == 1 and boundary == 2, iteration=boundary)
+            if any(r["stopping"] for r in recs):
+                recs += meter.flush(stop=True)
+                seen += recs
+                break
+            seen += recs
+        results[rank] = [(r["iteration"], r["loss_sum"], r["count"], r["stopping"], r["data_share_ranks"])
+                         for r in seen]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_interval_meter_ranks_agree_on_sums_and_on_stopping(tmp_path):
+    import torch.multiprocessing as mp
+    results = mp.Manager().dict()
+    mp.spawn(_meter_rank, args=(f"file://{tmp_path / 'store'}", results), nprocs=2)
+    # both ranks: interval 1 read at boundary 2, where rank 1's stop reaches both; interval 2 flushed
+    expected = [(1, 2.0 + 4.0, 4.0, True, [0.1, 0.2]), (2, 6.0, 4.0, True, [0.1, 0.2])]
+    for rank in (0, 1):
+        got = [(i, loss, c, s, [round(v, 6) for v in d]) for i, loss, c, s, d in results[rank]]
+        assert got == expected, rank

@@ -54,6 +54,7 @@ from tools.imagenet.loader import (IMAGENET_MEAN, IMAGENET_STD, batches_per_epoc
 from tools.imagenet.logging_utils import MetricsLog, format_line, plot_curves, write_epoch_logs
 from tools.imagenet.models import build_model
 from tools.imagenet.owt import OWTModel, wrap_owt
+from tools.imagenet.interval_meter import IntervalMeter, host_group
 from tools.imagenet.profiling import StepProfiler
 from tools.imagenet.schedule import Schedule
 from tools.imagenet.step import eager_step
@@ -77,8 +78,9 @@ def parse_args(argv=None):
       help="weight initialisation")
     a("--epochs", type=int, default=55, help="train until this epoch (1-based, inclusive)")
     a("--batch-size", type=int, default=128, help="GLOBAL batch size, divided over the ranks")
-    a("--epoch-size", type=int, default=None, help="cap on batches per epoch (unset or 0: the "
-      "train set once, floor(train images / batch size))")
+    a("--epoch-size", type=int, default=None, help="batches per epoch (unset or 0: the train "
+      "set once, floor(train images / batch size); more than that repeats images within an "
+      "epoch, fewer leaves some out)")
     a("--val-batch-size", type=int, default=None, help="val batch per rank (default: the "
       "per-rank train batch)")
     a("--workers", type=int, default=4, help="loader processes per rank (0: load in the main "
@@ -254,104 +256,73 @@ class StopFlag:
             signal.signal(signal.SIGTERM, self.previous)
 
 
-class GpuStepTimer:
-    """GPU seconds the current stream spends inside training steps, from CUDA events (no host
-    sync until read). With the interval's wall time it tells a GPU that waits (for data, the host
-    or another rank: a gap before its steps) from one that computes; off a GPU it reads 0."""
-
-    def __init__(self, device):
-        self.cuda, self.spans = device.type == "cuda", []
-
-    def _event(self):
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def start(self):
-        if self.cuda:
-            self.spans.append([self._event(), None])
-
-    def stop(self):
-        if self.cuda:
-            self.spans[-1][1] = self._event()
-
-    def seconds(self):
-        """The steps' GPU time since the last call; waits for the last step to finish."""
-        if not self.spans:
-            return 0.0
-        self.spans[-1][1].synchronize()
-        total = sum(a.elapsed_time(b) for a, b in self.spans) / 1000
-        self.spans.clear()
-        return total
-
-
 def train_epoch(epoch, model, optimizer, schedule, loader, device, mean, std, args, rank, world,
-                stop, log, train_step, on_step=None):
+                stop, log, train_step, on_step=None, metrics_group=None):
     """One epoch of train_step (eager_step or a GraphedStep); returns the epoch's global train
-    numbers or None when interrupted. on_step: called after each step (a profiler's)."""
+    numbers or None when interrupted. on_step: called after each step (a profiler's). The log
+    lines come one interval late (tools.imagenet.interval_meter), the last ones at the epoch's end."""
     n = len(loader)
     lr = schedule.apply(optimizer, epoch)
     model.train()
-    # loss, top1, top5, count, stop, then per rank: data wait, host time in steps, GPU time in
-    # steps (seconds)
-    interval = torch.zeros(5 + 3 * world, dtype=torch.float64, device=device)
-    gpu_steps = GpuStepTimer(device)
+    meter = IntervalMeter(device, rank, world, metrics_group)
     total = torch.zeros(4, dtype=torch.float64)
     t_epoch = t_interval = time.perf_counter()
     data_wait, step_host, it_start, steps, seen = 0.0, 0.0, 1, 0, 0
     bar = tqdm(total=n, desc=f"epoch {epoch}", disable=rank != 0, leave=False, file=sys.stderr)
+
+    def report(records):
+        """Logs reduced intervals; True when the ranks agreed to stop."""
+        stopping = False
+        for r in records:
+            loss_sum, count = r["loss_sum"], r["count"]
+            if not math.isfinite(loss_sum):
+                bar.close()
+                raise Diverged(f"loss is {loss_sum / count} at epoch {epoch}, iteration {r['iteration']}/{n} "
+                               f"(first seen in iterations {r['first']}-{r['iteration']}); the last good "
+                               f"checkpoint in {args.out} is untouched: lower the LR")
+            total.add_(torch.tensor([loss_sum, r["top1_correct"], r["top5_correct"], count]))
+            rec = {"kind": "train", "epoch": epoch, "iteration": r["iteration"], "iterations": n,
+                   "loss": loss_sum / count, "top1_err": 100 * (1 - r["top1_correct"] / count),
+                   "top5_err": 100 * (1 - r["top5_correct"] / count), "lr": r["lr"],
+                   "images_per_s": count / r["elapsed"], "data_share": r["data_share_ranks"][0],
+                   # per rank, shares of the interval: a rank that waits on its data stalls
+                   # them all at the next collective; the host's time issuing the steps near
+                   # the GPU's time in them means the host limits the rate, not the GPU
+                   **{f"{name}_ranks": r[f"{name}_ranks"] for name in IntervalMeter.PER_RANK}}
+            if rank == 0:
+                log.write(rec)
+                tqdm.write(format_line(epoch, r["iteration"], n, rec["loss"], rec["top1_err"],
+                                       rec["top5_err"], r["lr"], rec["images_per_s"], rec["data_share"]))
+            stopping = stopping or r["stopping"]
+        return stopping
+
     t_data = time.perf_counter()
     for it, (x, y) in enumerate(loader, 1):
         data_wait += time.perf_counter() - t_data
         x, y = prepare(x, device, mean, std, args.channels_last), y.to(device, non_blocking=True)
-        gpu_steps.start()
+        meter.step_started()
         t_step = time.perf_counter()
         if schedule.per_step:
             lr = schedule.apply(optimizer, epoch, (it - 1) / n)
         logits, loss = train_step(x, y)
-        gpu_steps.stop()
+        meter.step_ended()
         step_host += time.perf_counter() - t_step
         steps += 1
         top1, top5 = topk_correct(logits.detach(), y)
-        # Accumulate on the device: no host sync per step (a new device tensor would be one).
-        interval[:3] += torch.stack([loss.detach().double() * len(y), top1.double(), top5.double()])
+        meter.add(loss, top1, top5, len(y))
         seen += len(y)
         bar.update()
         # Under DDP the ranks sync only at agreed iterations (a rank entering a collective early
-        # would deadlock), so SIGTERM takes effect at the next log boundary there.
+        # would deadlock), so SIGTERM takes effect at a log boundary there (one interval late).
         if it % args.log_every == 0 or it == n or (world == 1 and stop.set):
-            # One collective per interval: global metrics, and every rank agrees on NaN/stop.
-            interval[3], interval[4] = float(seen), float(stop.set)
-            interval[5 + rank], interval[5 + world + rank] = data_wait, step_host
-            interval[5 + 2 * world + rank] = gpu_steps.seconds()
-            reduced = all_reduce(interval).tolist()
-            loss_sum, c1, c5, count, stopping = reduced[:5]
-            if not math.isfinite(loss_sum):
-                bar.close()
-                raise Diverged(f"loss is {loss_sum / count} at epoch {epoch}, iteration {it}/{n} "
-                               f"(first seen in iterations {it_start}-{it}); the last good "
-                               f"checkpoint in {args.out} is untouched: lower the LR")
-            total += torch.tensor([loss_sum, c1, c5, count])
-            elapsed = time.perf_counter() - t_interval
-            rec = {"kind": "train", "epoch": epoch, "iteration": it, "iterations": n,
-                   "loss": loss_sum / count, "top1_err": 100 * (1 - c1 / count),
-                   "top5_err": 100 * (1 - c5 / count), "lr": lr,
-                   "images_per_s": count / elapsed, "data_share": min(1.0, data_wait / elapsed),
-                   # per rank, shares of the interval: a rank that waits on its data stalls
-                   # them all at the next collective; the host's time issuing the steps near
-                   # the GPU's time in them means the host limits the rate, not the GPU
-                   **{f"{name}_ranks": [min(1.0, v / elapsed) for v in reduced[5 + i * world:
-                                                                           5 + (i + 1) * world]]
-                      for i, name in enumerate(("data_share", "step_host", "gpu_busy"))}}
-            if rank == 0:
-                log.write(rec)
-                tqdm.write(format_line(epoch, it, n, rec["loss"], rec["top1_err"],
-                                       rec["top5_err"], lr, rec["images_per_s"],
-                                       rec["data_share"]))
-            if stopping:
+            # One host-side collective per interval: global metrics, every rank agrees on NaN/stop
+            records = meter.close(seen, data_wait, step_host, time.perf_counter() - t_interval,
+                                  stop=stop.set, final=it == n or (world == 1 and stop.set),
+                                  iteration=it, first=it_start, lr=lr)
+            if report(records):
+                report(meter.flush(stop=True))
                 bar.close()
                 return None
-            interval.zero_()
             seen = 0
             t_interval, data_wait, step_host, it_start = time.perf_counter(), 0.0, 0.0, it + 1
         if on_step is not None:
@@ -523,7 +494,7 @@ def train(args, rank, world, device, stop):
         train_step = GraphedStep(model, optimizer, amp_dtype, local_batch)
     else:
         train_step = eager_step(model, optimizer, amp_dtype, device)
-    metrics = None
+    metrics, metrics_group = None, host_group(device)
     for epoch in range(start, args.epochs + 1):
         seed_all(args.seed * 100003 + epoch * 1009 + rank)  # dropout etc.: depends on epoch only
         loader = train_loader(args.shards, args.batch_size, epoch, args.seed, rank, world,
@@ -540,7 +511,8 @@ def train(args, rank, world, device, stop):
         profiler = StepProfiler(out, rank, args.profile_steps if epoch == start else 0,
                                 skip=min(30, n // 3))
         train_metrics = train_epoch(epoch, model, optimizer, schedule, loader, device, mean, std,
-                                    args, rank, world, stop, log, train_step, on_step=profiler.step)
+                                    args, rank, world, stop, log, train_step, on_step=profiler.step,
+                                    metrics_group=metrics_group)
         profiler.close()
         if train_metrics is None:
             if rank == 0:

@@ -376,11 +376,13 @@ def _shard_list(manifest):
 
 
 def batches_per_epoch(num_samples, global_batch_size, epoch_size=None):
+    """epoch_size batches where given (the train stream is endless: more than one pass repeats
+    images within the epoch, as the Torch7 example's -epochSize did), else one pass."""
     n = num_samples // global_batch_size
     if n == 0:
         raise ValueError(f"global batch {global_batch_size} is larger than the {num_samples} "
                          f"train samples; lower --batch-size")
-    return min(n, epoch_size) if epoch_size else n
+    return epoch_size or n
 
 
 def train_loader(shards_dir, global_batch_size, epoch, seed, rank, world_size, workers, crop_size,

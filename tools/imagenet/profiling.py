@@ -9,7 +9,8 @@
 Writes profile_rank{R}.json (Chrome trace: chrome://tracing or ui.perfetto.dev) and
 profile_rank{R}.txt: for each host thread, the time it spent per CUDA runtime call (a long
 cudaStreamSynchronize or cudaMalloc in the training thread is a stall) and per top-level
-operator, over the profiled steps.
+operator, over the profiled steps; then for each GPU stream its busy time and largest kernels,
+and how long several streams ran at once (the data path's kernels beside the step's).
 """
 import collections
 import json
@@ -40,6 +41,62 @@ def thread_summary(trace, main_tid, top=15):
     return "\n".join(lines) + "\n"
 
 
+_GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def _union_ms(spans):
+    """Milliseconds covered by the union of (start, end) microsecond spans."""
+    total, end = 0.0, None
+    for a, b in sorted(spans):
+        if end is None or a > end:
+            total, end = total + (b - a), b
+        elif b > end:
+            total, end = total + (b - end), b
+    return total / 1000
+
+
+def gpu_summary(trace, top=8):
+    """Text table from a Chrome trace dict: the GPU window (first to last GPU event), the time any
+    stream ran and the time two or more ran at once; per stream its busy time and largest kernels
+    (copies and memsets included). Empty where the trace has no GPU events."""
+    per_stream = collections.defaultdict(list)
+    for ev in trace.get("traceEvents", []):
+        if ev.get("ph") == "X" and ev.get("cat") in _GPU_CATS:
+            per_stream[(ev.get("pid"), ev.get("tid"))].append(ev)
+    if not per_stream:
+        return ""
+    spans = {k: [(e["ts"], e["ts"] + e.get("dur", 0)) for e in evs] for k, evs in per_stream.items()}
+    every = [s for v in spans.values() for s in v]
+    window = (max(b for _, b in every) - min(a for a, _ in every)) / 1000
+    # time with >= 2 streams busy: sweep over the per-stream unions' edges
+    edges = []
+    for v in spans.values():
+        merged = []
+        for a, b in sorted(v):
+            if merged and a <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        edges += [(a, 1) for a, _ in merged] + [(b, -1) for _, b in merged]
+    overlap, depth, last = 0.0, 0, None
+    for t, d in sorted(edges):
+        if depth >= 2:
+            overlap += t - last
+        depth, last = depth + d, t
+    lines = [f"GPU: window {window:.2f} ms, any stream busy {_union_ms(every):.2f} ms, "
+             f"two or more streams at once {overlap / 1000:.2f} ms"]
+    for key in sorted(per_stream, key=lambda k: -_union_ms(spans[k])):
+        totals = collections.defaultdict(lambda: [0, 0.0])
+        for e in per_stream[key]:
+            totals[e["name"]][0] += 1
+            totals[e["name"]][1] += e.get("dur", 0) / 1000
+        lines.append(f"stream {key[1]} (device {key[0]}): busy {_union_ms(spans[key]):.2f} ms, "
+                     f"{len(per_stream[key])} events")
+        for name, (count, ms) in sorted(totals.items(), key=lambda kv: -kv[1][1])[:top]:
+            lines.append(f"  {ms:10.2f} ms  {count:5d}x  {name[:110]}")
+    return "\n".join(lines) + "\n"
+
+
 class StepProfiler:
     """Profiles `steps` steps after `skip` (0 steps: does nothing)."""
 
@@ -67,4 +124,5 @@ class StepProfiler:
         prof.export_chrome_trace(str(trace_path))
         trace = json.loads(trace_path.read_text())
         (self.out_dir / f"profile_rank{self.rank}.txt").write_text(
-            f"{self.steps} steps, rank {self.rank}\n" + thread_summary(trace, self.main_tid))
+            f"{self.steps} steps, rank {self.rank}\n" + thread_summary(trace, self.main_tid)
+            + gpu_summary(trace))
