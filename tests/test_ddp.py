@@ -137,3 +137,15 @@ def test_gradients_travel_in_bf16_when_asked(tmp_path):
     assert max(diffs) > 0
     assert all(torch.allclose(states["fp32"]["model"][k], states["bf16"]["model"][k], atol=2e-3, rtol=2e-2)
                for k in weights)
+
+
+def test_nccl_protocol_is_simple_unless_the_environment_or_auto_says_otherwise():
+    from tools import train
+    from tools.imagenet.distributed import nccl_protocol
+    assert train.parse_args(["--shards", "s", "--out", "o"]).nccl_proto == "Simple"
+    env = {}
+    assert nccl_protocol("Simple", env) == "Simple" and env == {"NCCL_PROTO": "Simple"}
+    env = {"NCCL_PROTO": "LL128"}  # the user's own setting wins
+    assert nccl_protocol("Simple", env) == "LL128" and env == {"NCCL_PROTO": "LL128"}
+    env = {}
+    assert nccl_protocol("auto", env) == "auto" and env == {}

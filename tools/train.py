@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from tools.imagenet import checkpoint as ckpt
 from tools.imagenet.autotune import cudnn_searches, search_quietly, synthetic_step_rate
-from tools.imagenet.distributed import all_reduce, setup, work_stream
+from tools.imagenet.distributed import all_reduce, nccl_protocol, setup, work_stream
 from tools.imagenet.distributed import amp_dtype as autocast_dtype
 from tools.imagenet import fsutil
 from tools.imagenet.evaluation import evaluate
@@ -142,8 +142,9 @@ def parse_args(argv=None):
       "in final.json as step_alone_images_per_s; 0: off")
     a("--deterministic", action="store_true", help="deterministic algorithms, no autotuning "
       "(for tests and exact resumes)")
-    a("--log-every", type=int, default=50, help="log line and metrics record every N iterations (also "
-      "where DDP ranks check for NaN and SIGTERM)")
+    a("--log-every", type=int, default=50, help="log line and metrics record every N iterations, "
+      "written one interval late so the GPU's queue never runs dry (also where DDP ranks check "
+      "for NaN and SIGTERM)")
     a("--keep-checkpoints", type=int, default=0, help="keep only the newest K model_NNN.pt "
       "(0: keep all)")
     a("--bn-stats-sync", default="epoch", choices=["step", "epoch"], help="--parallel ddp: "
@@ -151,6 +152,10 @@ def parse_args(argv=None):
       "validation and the checkpoint; step: before every forward too (DDP's default). Both "
       "save and validate rank 0's statistics (a forward in train mode normalises with the "
       "batch's own); epoch saves a collective per step")
+    a("--nccl-proto", default="Simple", choices=["Simple", "LL", "LL128", "auto"], help="NCCL "
+      "protocol of the gradient all-reduces (NCCL_PROTO; an NCCL_PROTO in the environment wins): "
+      "Simple, the bulk protocol, kept 2 x H200 runs fed by the GPU data path fast where NCCL's "
+      "own choice (auto) was 15 %% slower in most runs (bench/NOTES-gpu.md phase 9)")
     a("--bucket-mb", type=float, default=25.0, help="--parallel ddp: gradient bucket size in "
       "MB (one all-reduce per bucket, overlapped with the backward)")
     a("--grad-allreduce", default="fp32", choices=["fp32", "bf16"], help="--parallel ddp: "
@@ -573,6 +578,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.cuda_graphs:
         before_process_group()
+    if args.device != "cpu":
+        nccl_protocol(args.nccl_proto)
     rank, world, device = setup(args.device)
     try:
         with StopFlag() as stop, work_stream(device):

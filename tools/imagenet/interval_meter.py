@@ -57,10 +57,6 @@ class GpuStepTimer:
         spans[-1][1].synchronize()
         return sum(a.elapsed_time(b) for a, b in spans) / 1000
 
-    def seconds(self):
-        """The steps' GPU time since the last call; waits for the last step to finish."""
-        return self.span_seconds(self.take())
-
 
 def host_group(device):
     """A process group for small host-side sums: a gloo group beside a NCCL default group (a NCCL
