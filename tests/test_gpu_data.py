@@ -740,3 +740,21 @@ def test_threaded_pipeline_runs_ahead_only_prefetch_batches():
     time.sleep(1.0)  # a slow step (e.g. one being compiled): the threads must wait, not fill memory
     assert pipe.stats["batches"] <= 1 + 3 + 2
     assert [int(y) for _, y in it] == list(range(1, 30))
+
+
+def test_train_hands_gpu_prefetch_to_the_pipeline(tmp_path, monkeypatch):
+    info = write_shards(tmp_path / "shards", train_counts=[10, 7], val_counts=[5, 4])
+    made = []
+
+    class Recording(gd.GpuBatchPipeline):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self.prefetch)
+
+    monkeypatch.setattr(gd, "GpuBatchPipeline", Recording)
+    assert train.main(["--shards", str(info["dir"]), "--out", str(tmp_path / "run"), "--arch",
+                       "mobilenet_v3_small", "--crop-size", "64", "--batch-size", "8", "--epochs", "1",
+                       "--device", "cpu", "--workers", "0", "--decode", "gpu", "--gpu-prefetch", "5"]) == 0
+    assert made == [3, 5]  # validation (made first) keeps its default; the train pipeline takes the flag
+    with pytest.raises(SystemExit):
+        train.parse_args(["--shards", "s", "--out", "o", "--gpu-prefetch", "0"])
