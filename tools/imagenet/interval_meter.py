@@ -1,7 +1,7 @@
 """The training log's figures per interval of steps, read one interval late so that the host never
 waits for the GPU in the middle of an epoch.
 
-    meter = IntervalMeter(device, rank, world, group=host_group())
+    meter = IntervalMeter(device, rank, world, group=host_group(device))
     for each step:
         meter.step_started(); loss, logits = ...; meter.step_ended()
         meter.add(loss, top1, top5, len(y))
