@@ -251,3 +251,12 @@ def test_interval_meter_ranks_agree_on_sums_and_on_stopping(tmp_path):
     for rank in (0, 1):
         got = [(i, loss, c, s, [round(v, 6) for v in d]) for i, loss, c, s, d in results[rank]]
         assert got == expected, rank
+
+
+def test_profile_gpu_only_traces_the_gpu_alone_where_there_is_one():
+    from torch.profiler import ProfilerActivity as A
+    from tools.imagenet.profiling import profiler_activities
+    assert profiler_activities(gpu_only=True, cuda=True) == [A.CUDA]
+    assert profiler_activities(gpu_only=False, cuda=True) == [A.CPU, A.CUDA]
+    assert profiler_activities(gpu_only=True, cuda=False) == [A.CPU]  # nothing else to trace
+    assert train.parse_args(["--shards", "s", "--out", "o", "--profile-gpu-only"]).profile_gpu_only

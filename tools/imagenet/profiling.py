@@ -97,14 +97,24 @@ def gpu_summary(trace, top=8):
     return "\n".join(lines) + "\n"
 
 
-class StepProfiler:
-    """Profiles `steps` steps after `skip` (0 steps: does nothing)."""
+def profiler_activities(gpu_only, cuda):
+    """torch.profiler activities: the host's operators and CUDA calls, plus the GPU's activity
+    where there is CUDA; gpu_only keeps the GPU's alone (the host then runs unslowed)."""
+    gpu = [ProfilerActivity.CUDA] if cuda else []
+    return gpu if gpu_only and gpu else [ProfilerActivity.CPU] + gpu
 
-    def __init__(self, out_dir, rank, steps, skip=30):
+
+class StepProfiler:
+    """Profiles `steps` steps after `skip` (0 steps: does nothing). gpu_only: the GPU's activity
+    alone (kernels, copies), without tracing the host's operators and CUDA calls, which slows
+    the host about twofold: the GPU's idle gaps are then those of an unprofiled run, so "any
+    stream busy" against the window tells a GPU waiting for launches from one computing slowly."""
+
+    def __init__(self, out_dir, rank, steps, skip=30, gpu_only=False):
         self.out_dir, self.rank, self.steps = Path(out_dir), rank, steps
         self.prof = None
         if steps > 0:
-            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            acts = profiler_activities(gpu_only, torch.cuda.is_available())
             self.prof = profile(activities=acts, on_trace_ready=self._write,
                                 schedule=schedule(skip_first=skip, wait=0, warmup=1, active=steps))
             self.main_tid = threading.get_native_id()
