@@ -260,3 +260,15 @@ def test_profile_gpu_only_traces_the_gpu_alone_where_there_is_one():
     assert profiler_activities(gpu_only=False, cuda=True) == [A.CPU, A.CUDA]
     assert profiler_activities(gpu_only=True, cuda=False) == [A.CPU]  # nothing else to trace
     assert train.parse_args(["--shards", "s", "--out", "o", "--profile-gpu-only"]).profile_gpu_only
+
+
+def test_profiler_waits_for_the_gpu_once_when_its_window_closes(tmp_path, monkeypatch):
+    from tools.imagenet.profiling import StepProfiler
+    syncs = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: syncs.append(profiler.calls))
+    profiler = StepProfiler(tmp_path, 0, steps=3, skip=2)
+    profiler.cuda = True  # as on a GPU: the profiled steps' kernels must have run before the trace
+    for _ in range(8):
+        profiler.step()
+    profiler.close()
+    assert syncs == [2 + 1 + 3] and (tmp_path / "profile_rank0.txt").is_file()

@@ -112,7 +112,9 @@ class StepProfiler:
 
     def __init__(self, out_dir, rank, steps, skip=30, gpu_only=False):
         self.out_dir, self.rank, self.steps = Path(out_dir), rank, steps
-        self.prof = None
+        self.prof, self.calls, self.cuda = None, 0, torch.cuda.is_available()
+        # the step() call that ends the window: skipped steps, one warm-up step, the profiled ones
+        self.last_call = skip + 1 + steps
         if steps > 0:
             acts = profiler_activities(gpu_only, torch.cuda.is_available())
             self.prof = profile(activities=acts, on_trace_ready=self._write,
@@ -122,6 +124,11 @@ class StepProfiler:
 
     def step(self):
         if self.prof is not None:
+            self.calls += 1
+            if self.cuda and self.calls == self.last_call:
+                # the host runs ahead of the GPU: kernels still queued when the window closes
+                # would be missing from the trace
+                torch.cuda.synchronize()
             self.prof.step()
 
     def close(self):
