@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tools.imagenet.autotune import timed_rate  # noqa: E402
-from tools.imagenet.distributed import nccl_protocol, work_stream  # noqa: E402
+from tools.imagenet.distributed import NCCL_PROTOCOLS, nccl_protocol, work_stream  # noqa: E402
 from tools.imagenet.graphed import WARMUP, GraphedStep, before_process_group  # noqa: E402
 from tools.imagenet.models import build_model  # noqa: E402
 from tools.imagenet.step import eager_step  # noqa: E402
@@ -77,7 +77,7 @@ def main(argv=None):
                    "(tools/imagenet/graphed.py)")
     p.add_argument("--steps", type=int, default=30, help="steps per timed window (default 30)")
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
-    p.add_argument("--nccl-proto", default="Simple", choices=["Simple", "LL", "LL128", "auto"],
+    p.add_argument("--nccl-proto", default="Simple", choices=NCCL_PROTOCOLS,
                    help="NCCL protocol under torchrun, as tools.train's --nccl-proto (default Simple)")
     args = p.parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", 1))

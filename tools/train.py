@@ -43,7 +43,8 @@ from tqdm import tqdm
 
 from tools.imagenet import checkpoint as ckpt
 from tools.imagenet.autotune import cudnn_searches, search_quietly, synthetic_step_rate
-from tools.imagenet.distributed import all_reduce, nccl_protocol, setup, work_stream
+from tools.imagenet.distributed import (NCCL_PROTOCOLS, all_reduce, nccl_protocol, setup,
+                                        work_stream)
 from tools.imagenet.distributed import amp_dtype as autocast_dtype
 from tools.imagenet import fsutil
 from tools.imagenet.evaluation import evaluate
@@ -155,7 +156,7 @@ def parse_args(argv=None):
       "validation and the checkpoint; step: before every forward too (DDP's default). Both "
       "save and validate rank 0's statistics (a forward in train mode normalises with the "
       "batch's own); epoch saves a collective per step")
-    a("--nccl-proto", default="Simple", choices=["Simple", "LL", "LL128", "auto"], help="NCCL "
+    a("--nccl-proto", default="Simple", choices=NCCL_PROTOCOLS, help="NCCL "
       "protocol of the gradient all-reduces (NCCL_PROTO; an NCCL_PROTO in the environment wins): "
       "Simple, the bulk protocol, kept 2 x H200 runs fed by the GPU data path fast where NCCL's "
       "own choice (auto) was 15 %% slower in most runs (bench/NOTES-gpu.md phase 9)")

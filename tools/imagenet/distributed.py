@@ -23,6 +23,9 @@ def setup(device_name="auto"):
     return rank, world, device
 
 
+NCCL_PROTOCOLS = ("Simple", "LL", "LL128", "auto")  # NCCL_PROTO's values, auto: NCCL's own choice
+
+
 def nccl_protocol(proto, environ=os.environ):
     """Sets NCCL_PROTO to `proto` for the process group made next, unless the environment names
     one already (it wins) or proto is "auto" (NCCL picks per message size); returns what is in
