@@ -20,29 +20,30 @@ from tools.imagenet.autotune import timed_rate  # noqa: E402
 from tools.imagenet.distributed import NCCL_PROTOCOLS, nccl_protocol, work_stream  # noqa: E402
 from tools.imagenet.graphed import WARMUP, GraphedStep, before_process_group  # noqa: E402
 from tools.imagenet.models import build_model  # noqa: E402
-from tools.imagenet.step import eager_step  # noqa: E402
+from tools.imagenet.step import SGD_KERNELS, eager_step, sgd  # noqa: E402
 
 
 def measure(arch, batch, crop=224, num_classes=1000, amp=True, channels_last=True, compile_model=False,
-            warmup=10, steps=30, repeats=3, world=1, cuda_graphs=False):
-    if cuda_graphs:  # DDP and the capture on one side stream, as in tools.train
-        with work_stream(torch.device("cuda", torch.cuda.current_device())):
-            return _measure(arch, batch, crop, num_classes, amp, channels_last, compile_model,
-                            max(warmup, WARMUP + 2), steps, repeats, world, cuda_graphs)
-    return _measure(arch, batch, crop, num_classes, amp, channels_last, compile_model, warmup, steps,
-                    repeats, world, cuda_graphs)
+            warmup=10, steps=30, repeats=3, world=1, cuda_graphs=False, sgd_kernel="fused", infer=True):
+    if not cuda_graphs:
+        return _measure(**locals())
+    warmup = max(warmup, WARMUP + 2)
+    with work_stream(torch.device("cuda", torch.cuda.current_device())):  # as in tools.train
+        return _measure(**locals())
 
 
 def _measure(arch, batch, crop, num_classes, amp, channels_last, compile_model, warmup, steps, repeats,
-             world, cuda_graphs):
+             world, cuda_graphs, sgd_kernel, infer):
     device = torch.device("cuda", torch.cuda.current_device())
     torch.backends.cudnn.benchmark = True
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = build_model(arch, num_classes).to(device, memory_format=fmt)
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    # DDP as tools.train wraps it (bn_stats_sync epoch: no buffer broadcast per step)
+    net = (torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False, gradient_as_bucket_view=True)
+           if world > 1 else model)
     if compile_model:
         net = torch.compile(net)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+    opt = sgd(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4, kernel=sgd_kernel)
     gen = torch.Generator(device).manual_seed(0)
     x = torch.randn(batch, 3, crop, crop, device=device, generator=gen).contiguous(memory_format=fmt)
     y = torch.randint(0, num_classes, (batch,), device=device, generator=gen)
@@ -59,12 +60,13 @@ def _measure(arch, batch, crop, num_classes, amp, channels_last, compile_model, 
             model(x).argmax(1)
 
     model.train()
-    train = timed_rate(train_step, batch * world, warmup, steps, repeats, device)
-    model.eval()
-    infer = timed_rate(infer_step, batch, warmup, steps, repeats, device)  # per GPU: eval has no collective
-    return {"arch": arch, "batch_per_gpu": batch, "gpus": world, "compile": compile_model,
-            "cuda_graphs": cuda_graphs,
-            "train_images_per_s": train, "infer_images_per_s_per_gpu": infer}
+    result = {"arch": arch, "batch_per_gpu": batch, "gpus": world, "compile": compile_model,
+              "cuda_graphs": cuda_graphs, "sgd_kernel": sgd_kernel,
+              "train_images_per_s": timed_rate(train_step, batch * world, warmup, steps, repeats, device)}
+    if infer:  # per GPU: eval has no collective
+        model.eval()
+        result["infer_images_per_s_per_gpu"] = timed_rate(infer_step, batch, warmup, steps, repeats, device)
+    return result
 
 
 def main(argv=None):
@@ -79,6 +81,9 @@ def main(argv=None):
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     p.add_argument("--nccl-proto", default="Simple", choices=NCCL_PROTOCOLS,
                    help="NCCL protocol under torchrun, as tools.train's --nccl-proto (default Simple)")
+    p.add_argument("--sgd-kernel", default="fused", choices=SGD_KERNELS,
+                   help="SGD update as tools.train's --sgd-kernel (default fused)")
+    p.add_argument("--no-infer", action="store_true", help="time the train step only")
     args = p.parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
@@ -89,7 +94,8 @@ def main(argv=None):
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     for arch in args.arch or ["alexnetowtbn"]:
         r = measure(arch, args.batch, args.crop, amp=not args.fp32, compile_model=args.compile,
-                    steps=args.steps, world=world, cuda_graphs=args.cuda_graphs)
+                    steps=args.steps, world=world, cuda_graphs=args.cuda_graphs,
+                    sgd_kernel=args.sgd_kernel, infer=not args.no_infer)
         if int(os.environ.get("RANK", 0)) == 0:
             print(json.dumps(r), flush=True)
     if world > 1:

@@ -272,3 +272,39 @@ def test_profiler_waits_for_the_gpu_once_when_its_window_closes(tmp_path, monkey
         profiler.step()
     profiler.close()
     assert syncs == [2 + 1 + 3] and (tmp_path / "profile_rank0.txt").is_file()
+
+
+def test_fused_and_foreach_sgd_make_the_same_update():
+    from tools.imagenet.step import sgd
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Linear(12, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
+            for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    opts = [sgd(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, kernel=kernel)
+            for net, kernel in zip(nets, ("fused", "foreach"))]
+    assert opts[0].param_groups[0]["fused"] and opts[1].param_groups[0]["foreach"]
+    for _ in range(4):
+        x = torch.randn(16, 12)
+        for net, opt in zip(nets, opts):
+            opt.zero_grad(set_to_none=True)
+            net(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="SGD kernel"):
+        sgd(nets[0].parameters(), lr=0.1, momentum=0.9, kernel="loop")
+
+
+def test_training_uses_the_chosen_sgd_kernel_also_after_resuming(shards, tmp_path):
+    assert train.parse_args(["--shards", "s", "--out", "o"]).sgd_kernel == "fused"
+    fused, mixed = tmp_path / "fused", tmp_path / "mixed"
+    assert run(shards, fused, "--workers", 0, epochs=2) == 0
+    assert run(shards, mixed, "--workers", 0, "--sgd-kernel", "foreach", epochs=1) == 0
+    group = ckpt.load(mixed / "model_001.pt")["optimizer"]["param_groups"][0]
+    assert group["foreach"] and not group["fused"]
+    assert run(shards, mixed, "--workers", 0, "--resume", epochs=2) == 0
+    a, b = ckpt.load(fused / "model_002.pt"), ckpt.load(mixed / "model_002.pt")
+    group = b["optimizer"]["param_groups"][0]
+    assert group["fused"] and not group["foreach"]  # this run's flag, not the checkpoint's
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], msg=k)

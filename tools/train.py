@@ -58,7 +58,7 @@ from tools.imagenet.owt import OWTModel, wrap_owt
 from tools.imagenet.interval_meter import IntervalMeter, host_group
 from tools.imagenet.profiling import StepProfiler
 from tools.imagenet.schedule import Schedule
-from tools.imagenet.step import eager_step
+from tools.imagenet.step import SGD_KERNELS, eager_step, sgd
 
 INTERRUPTED = 143  # 128 + SIGTERM, what a preempted job reports
 
@@ -122,6 +122,9 @@ def parse_args(argv=None):
     a("--lr-scaling", default="linear", choices=["linear", "none"],
       help="linear: multiply LRs by batch-size/128")
     a("--momentum", type=float, default=0.9, help="SGD momentum")
+    a("--sgd-kernel", default="fused", choices=SGD_KERNELS, help="how the SGD update runs: fused "
+      "(one pass over parameters, gradients and momentum, weight decay included) or foreach "
+      "(PyTorch's default: a pass per term, ~2x the memory traffic); the same arithmetic")
     a("--seed", type=int, default=0, help="seeds the weights, shard order, crops and dropout")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if present")
     a("--parallel", default="ddp", choices=["ddp", "owt"], help="ddp: data parallel over the "
@@ -394,11 +397,14 @@ def plain_state(model, raw, optimizer):
     return raw.state_dict(), optimizer.state_dict()
 
 
-def load_optimizer(model, optimizer, state):
+def load_optimizer(model, optimizer, state, kernel):
     if isinstance(model, OWTModel):
         model.load_full_optimizer_state(optimizer, state)
     else:
         optimizer.load_state_dict(state)
+    # load_state_dict takes the saved run's fused/foreach flags too: keep this run's choice
+    for group in optimizer.param_groups:
+        group.update(fused=kernel == "fused", foreach=kernel != "fused")
 
 
 def checkpoint_dict(model_state, optimizer_state, schedule, args, manifest, mean, std, epoch,
@@ -467,9 +473,9 @@ def train(args, rank, world, device, stop):
             print(f"cuDNN algorithms chosen on a quiet GPU in {seconds:.1f} s", flush=True)
     model, val_model = parallelize(raw, args, world, device)
     # After wrapping: under owt the optimizer holds this rank's classifier slices.
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+    optimizer = sgd(model.parameters(), lr=args.lr, momentum=args.momentum, kernel=args.sgd_kernel)
     if state is not None:
-        load_optimizer(model, optimizer, state["optimizer"])
+        load_optimizer(model, optimizer, state["optimizer"], args.sgd_kernel)
         # The schedule comes from the command line (e.g. --epochs raised to train longer); the
         # RNG needs no restore: every epoch reseeds from (seed, epoch, rank).
         if state["scheduler"] != schedule.state_dict() and rank == 0:
@@ -563,7 +569,8 @@ def train(args, rank, world, device, stop):
         rates = torch.zeros(world, dtype=torch.float64, device=device)
         rates[rank] = synthetic_step_rate(val_model if isinstance(model, OWTModel) else raw, device,
                                           local_batch, args.crop_size, input_dtype, amp_dtype,
-                                          args.channels_last, steps=args.step_alone)
+                                          args.channels_last, steps=args.step_alone,
+                                          sgd_kernel=args.sgd_kernel)
         alone = [round(r) for r in all_reduce(rates).tolist()]
         if rank == 0:
             print(f"train step alone (synthetic batches, no all-reduce), images/s per rank: "

@@ -27,7 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from tools.imagenet.step import autocast, eager_step
+from tools.imagenet.step import autocast, eager_step, sgd
 
 
 def cudnn_searches(device):
@@ -60,13 +60,14 @@ def search_quietly(model, device, train_batch, val_batch, crop_size, input_dtype
 
 
 def synthetic_step_rate(model, device, batch, crop_size, input_dtype=torch.float32, amp_dtype=None,
-                        channels_last=False, steps=20, warmup=3):
+                        channels_last=False, steps=20, warmup=3, sgd_kernel="fused"):
     """Images/s of `steps` train steps (forward, backward, SGD; no collective) on one synthetic
     batch, through a copy of `model` on `device`, after `warmup` untimed ones: the rate this
     process's GPU takes the step at with nothing beside it. `model` and the RNGs stay untouched."""
     device = torch.device(device)
     probe = copy.deepcopy(model).to(device).train()
-    step = eager_step(probe, torch.optim.SGD(probe.parameters(), lr=1e-3, momentum=0.9), amp_dtype, device)
+    step = eager_step(probe, sgd(probe.parameters(), lr=1e-3, momentum=0.9, kernel=sgd_kernel), amp_dtype,
+                      device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         x, y = _synthetic(batch, crop_size, input_dtype, channels_last, device)
         return timed_rate(lambda: step(x, y), batch, warmup, steps, device=device)
