@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from tests._shards import write_shards
 from tools.imagenet.graphed import WARMUP, GraphedStep
+from tools.imagenet.step import SGD_KERNELS, sgd
 from tools.train import eager_step, parse_args
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,9 +35,9 @@ def _batches(n, batch, device, short=()):
     return out
 
 
-def _train(step_kind, device, batches, bn=True, lr_change_at=None):
+def _train(step_kind, device, batches, bn=True, lr_change_at=None, sgd_kernel="foreach"):
     model = _net(bn).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    opt = sgd(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, kernel=sgd_kernel)
     if step_kind == "eager":
         step = eager_step(model, opt, None, torch.device(device))
     else:
@@ -83,11 +84,13 @@ def test_cuda_graphs_flag_refuses_what_it_cannot_capture():
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-def test_captured_step_trains_like_the_eager_step():
+@pytest.mark.parametrize("sgd_kernel", SGD_KERNELS)
+def test_captured_step_trains_like_the_eager_step(sgd_kernel):
     batches = _batches(WARMUP + 12, 32, "cuda", short={WARMUP + 4})
     with torch.cuda.stream(torch.cuda.Stream()):  # as tools.train: never the legacy default stream
-        eager, eager_losses, _ = _train("static", "cuda", batches, lr_change_at=WARMUP + 8)
-        graphed, graphed_losses, step = _train("graph", "cuda", batches, lr_change_at=WARMUP + 8)
+        eager, eager_losses, _ = _train("static", "cuda", batches, lr_change_at=WARMUP + 8, sgd_kernel=sgd_kernel)
+        graphed, graphed_losses, step = _train("graph", "cuda", batches, lr_change_at=WARMUP + 8,
+                                               sgd_kernel=sgd_kernel)
     assert step.captures == 2 and step.replays == 12  # the first replay, then the LR change
     _close(eager, graphed, 1e-4)
     assert graphed_losses == pytest.approx(eager_losses, rel=1e-4)
