@@ -317,11 +317,13 @@ def test_hardware_decoder_matches_nvjpeg_and_falls_back():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_engine_decoder_matches_nvjpeg_and_falls_back():
+@pytest.mark.parametrize("kind", ["engine", "engine-device"])
+def test_engine_decoder_matches_nvjpeg_and_falls_back(kind):
     """tools.imagenet.nvjpeg on the GPU's JPEG engines: torchvision's nvJPEG pixels, CMYK / PNG /
-    garbage left to the fallback (or reported), from a list and from a packed batch."""
+    garbage left to the fallback (or reported), from a list and from a packed batch; the
+    bitstreams read from pinned host memory or from the GPU."""
     try:
-        engine = gd.gpu_decoder("engine", "cuda")
+        engine = gd.gpu_decoder(kind, "cuda")
     except RuntimeError as exc:
         pytest.skip(f"no hardware JPEG decoder: {exc}")
     keys = [f"k{i}" for i in range(5)]
