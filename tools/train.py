@@ -58,7 +58,7 @@ from tools.imagenet.owt import OWTModel, wrap_owt
 from tools.imagenet.interval_meter import IntervalMeter, host_group
 from tools.imagenet.profiling import StepProfiler
 from tools.imagenet.schedule import Schedule
-from tools.imagenet.step import SGD_KERNELS, eager_step, sgd
+from tools.imagenet.step import SGD_KERNELS, eager_step, sgd, sgd_flags
 
 INTERRUPTED = 143  # 128 + SIGTERM, what a preempted job reports
 
@@ -406,7 +406,7 @@ def load_optimizer(model, optimizer, state, kernel):
         optimizer.load_state_dict(state)
     # load_state_dict takes the saved run's fused/foreach flags too: keep this run's choice
     for group in optimizer.param_groups:
-        group.update(fused=kernel == "fused", foreach=kernel != "fused")
+        group.update(sgd_flags(kernel))
 
 
 def checkpoint_dict(model_state, optimizer_state, schedule, args, manifest, mean, std, epoch,

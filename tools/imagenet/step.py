@@ -17,11 +17,14 @@ def sgd(params, lr, momentum, weight_decay=0.0, kernel="fused"):
     once in one pass (weight decay included); foreach, PyTorch's default, runs a pass per term and
     with weight decay writes a decayed copy of every gradient first: ~2x the memory traffic and
     more kernel launches per step (AlexNet: 61 M parameters). The same arithmetic either way."""
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, **sgd_flags(kernel))
+
+
+def sgd_flags(kernel):
+    """torch.optim.SGD's flags (and param_groups entries) for `kernel`."""
     if kernel not in SGD_KERNELS:
         raise ValueError(f"SGD kernel {kernel!r}: choose one of {', '.join(SGD_KERNELS)}")
-    fused = kernel == "fused"
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                           fused=fused, foreach=not fused)
+    return {"fused": kernel == "fused", "foreach": kernel == "foreach"}
 
 
 def autocast(device, amp_dtype):
