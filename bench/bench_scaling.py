@@ -284,12 +284,16 @@ def main(argv=None):
                             zip(row["data_share_ranks"], row["step_host_ranks"], row["gpu_busy_ranks"]))
         print(f"{row['variant']:14s} {row['gpus']:4d} {row['median']:9,.0f} {row['vs_base_1']:5.2f}x  "
               f"{str(row['runs']):24s} {shares}")
-    if any(x["step_alone_ranks"] for row in rows for x in row["runs_ranks"]):
-        print("\n== each run: images/s, then each rank's train step alone afterwards (synthetic batches) ==")
-        for row in rows:
-            for rate, x in zip(row["runs"], row["runs_ranks"]):
-                print(f"{row['variant']:14s} {row['gpus']:4d} {rate:9,d}  alone: "
-                      f"{', '.join(f'{v:,.0f}' for v in x['step_alone_ranks'])}")
+    # A slow multi-GPU run shows here as one rank that hardly waits for data and issues its steps
+    # most of the time while the others wait (bench/NOTES-gpu.md phase 10).
+    print("\n== each run: images/s, per rank data wait / host issuing steps / GPU in steps"
+          "[, its train step alone afterwards (synthetic batches)] ==")
+    for row in rows:
+        for rate, x in zip(row["runs"], row["runs_ranks"]):
+            shares = " | ".join(f"{d:.0%} {h:.0%} {b:.0%}" for d, h, b in
+                                zip(x["data_share_ranks"], x["step_host_ranks"], x["gpu_busy_ranks"]))
+            alone = f"  alone: {', '.join(f'{v:,.0f}' for v in x['step_alone_ranks'])}" if x["step_alone_ranks"] else ""
+            print(f"{row['variant']:14s} {row['gpus']:4d} {rate:9,d}  {shares}{alone}")
     return 0
 
 

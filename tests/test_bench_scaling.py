@@ -66,7 +66,11 @@ def test_one_against_two_processes_on_the_cpu(tmp_path, capsys):
                for r in rows for x in r["runs_ranks"])
     printed = capsys.readouterr().out
     assert "BENCH_SCALING_PROBE=1" in printed and "--step-alone 20" in printed
-    assert "each rank's train step alone afterwards" in printed
+    # each run's own line: every rank's shares, then its step alone
+    assert "== each run: images/s, per rank data wait / host issuing steps / GPU in steps" in printed
+    two = [line for line in printed.splitlines() if line.startswith("base ") and " alone: " in line
+           and line.split()[1] == "2"]
+    assert len(two) == 1 and two[0].count("|") == 1 and two[0].count("%") == 6, printed
     assert next(r for r in rows if r["variant"] == "base" and r["gpus"] == 1)["vs_base_1"] == 1.0
     assert "images/s, median of 1 runs" in printed
 
