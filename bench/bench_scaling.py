@@ -207,6 +207,12 @@ def summarize(results, base_gpus, path):
     return rows
 
 
+def rank_shares(figures):
+    """'data wait, host issuing, GPU in steps' per rank, ranks separated by |."""
+    return " | ".join(f"{d:.0%} {h:.0%} {b:.0%}" for d, h, b in
+                      zip(figures["data_share_ranks"], figures["step_host_ranks"], figures["gpu_busy_ranks"]))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=Path("/tmp/bench_scaling"), help="folder for data and runs")
@@ -280,20 +286,16 @@ def main(argv=None):
     print(f"{'variant':14s} {'gpus':>4s} {'median':>9s} {'ratio':>6s}  {'runs':24s} per rank: data wait / "
           f"host issuing steps / GPU in steps")
     for row in rows:
-        shares = " | ".join(f"{d:.0%} {h:.0%} {b:.0%}" for d, h, b in
-                            zip(row["data_share_ranks"], row["step_host_ranks"], row["gpu_busy_ranks"]))
         print(f"{row['variant']:14s} {row['gpus']:4d} {row['median']:9,.0f} {row['vs_base_1']:5.2f}x  "
-              f"{str(row['runs']):24s} {shares}")
+              f"{str(row['runs']):24s} {rank_shares(row)}")
     # A slow multi-GPU run shows here as one rank that hardly waits for data and issues its steps
     # most of the time while the others wait (bench/NOTES-gpu.md phase 10).
     print("\n== each run: images/s, per rank data wait / host issuing steps / GPU in steps"
           "[, its train step alone afterwards (synthetic batches)] ==")
     for row in rows:
         for rate, x in zip(row["runs"], row["runs_ranks"]):
-            shares = " | ".join(f"{d:.0%} {h:.0%} {b:.0%}" for d, h, b in
-                                zip(x["data_share_ranks"], x["step_host_ranks"], x["gpu_busy_ranks"]))
             alone = f"  alone: {', '.join(f'{v:,.0f}' for v in x['step_alone_ranks'])}" if x["step_alone_ranks"] else ""
-            print(f"{row['variant']:14s} {row['gpus']:4d} {rate:9,d}  {shares}{alone}")
+            print(f"{row['variant']:14s} {row['gpus']:4d} {rate:9,d}  {rank_shares(x)}{alone}")
     return 0
 
 

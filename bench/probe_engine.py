@@ -105,7 +105,8 @@ def main():
     x = torch.randn(256, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (256,), device="cuda")
     aug = gd.GpuAugment(224, mode="rrc", mean=bl.MEAN, std=bl.STD, dtype=torch.bfloat16)
-    faulthandler.dump_traceback_later(args.seconds * 20 * len(args.bitstreams.split(",")), exit=True)
+    placements = args.bitstreams.split(",")
+    faulthandler.dump_traceback_later(args.seconds * 20 * len(placements), exit=True)
     rows = []
 
     def row(name, *result):
@@ -113,7 +114,7 @@ def main():
         print(name, result, flush=True)
     beside = [int(t) for t in args.threads.split(",")]
     row("step alone", 0.0, run(batches, 0, args.seconds, step=lambda: step(x, y))[1], {})
-    for where in args.bitstreams.split(","):
+    for where in placements:
         for threads in sorted({1, 2, 3} | set(beside)):
             row(f"{where}: decode x{threads}", *run(batches, threads, args.seconds, bitstreams=where))
         row(f"{where}: decode+crop x3", *run(batches, 3, args.seconds, crop=aug, bitstreams=where))
