@@ -3,7 +3,6 @@ training step, with its host time split into header probes, the pinned copy and 
 
     python bench/probe_engine.py --images 5120          # GPU machine, under a minute
     python bench/probe_engine.py --bitstreams host,device --threads 2   # both bitstream placements
-    python bench/probe_engine.py --output rgb,yuv --threads 2     # planar YUV out: no conversion kernels
 
 Answers whether the decode call slows down beside the step (the GPU: nvJPEG waits on its own work
 per image) or the Python around it does (the GIL).
@@ -26,12 +25,12 @@ from tools.imagenet.nvjpeg import NvjpegDecoder  # noqa: E402
 STEP_STREAM = []  # set by --step-sms: the step's stream on part of the SMs
 
 
-def run(batches, n_threads, seconds, step=None, crop=None, bitstreams="host", output="rgb"):
+def run(batches, n_threads, seconds, step=None, crop=None, bitstreams="host"):
     """n_threads decode threads (own decoder and stream) for `seconds`, optionally beside a thread
     running `step` flat out: (decode img/s, step img/s, ms per batch per part). bitstreams: where
-    nvJPEG reads them (NvjpegDecoder's host or device); output: rgb or yuv planes."""
+    nvJPEG reads them (NvjpegDecoder's host or device)."""
     stop = threading.Event()
-    decoders = [NvjpegDecoder("cuda", bitstreams=bitstreams, output=output) for _ in range(n_threads)]
+    decoders = [NvjpegDecoder("cuda", bitstreams=bitstreams) for _ in range(n_threads)]
     counts = [0] * (n_threads + 1)
 
     def decode(k):
@@ -82,45 +81,6 @@ def run(batches, n_threads, seconds, step=None, crop=None, bitstreams="host", ou
             {k: round(v / max(n, 1) * 1000, 2) for k, v in parts.items()})
 
 
-def yuv_to_rgb(flat, start, h, w, hc, wc):
-    """One image's planar Y, Cb, Cr (chroma at its own resolution) -> float 3 x h x w RGB (JFIF),
-    the chroma upsampled bilinearly at its sample centres."""
-    y = flat[start:start + h * w].view(1, 1, h, w).float()
-    c = flat[start + h * w:start + h * w + 2 * hc * wc].view(1, 2, hc, wc).float()
-    c = torch.nn.functional.interpolate(c, size=(h, w), mode="bilinear", align_corners=False) - 128
-    cb, cr = c[:, 0:1], c[:, 1:2]
-    return torch.cat([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], 1)[0].clamp(0, 255)
-
-
-def compare_outputs(batch):
-    """The yuv decode converted here against the rgb decode of the same batch (mean and max
-    absolute difference), and the GPU kernels each decode launches (name: count)."""
-    from torch.profiler import ProfilerActivity, profile
-    results, kernels = {}, {}
-    for output in ("rgb", "yuv"):
-        decoder = NvjpegDecoder("cuda", output=output)
-        decoder.decode_packed(*batch)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            results[output] = decoder.decode_packed(*batch)
-            torch.cuda.synchronize()
-        kernels[output] = {e.key: e.count for e in prof.key_averages() if e.device_type.name == "CUDA"}
-    flat, ok, sizes, starts = results["rgb"]
-    yflat, yok, ysizes, ystarts = results["yuv"]
-    diffs = []
-    for i in range(min(32, len(ok))):
-        if ok[i] and yok[i]:
-            h, w = sizes[i]
-            rgb = flat[starts[i]:starts[i] + 3 * h * w].view(3, h, w).float()
-            diffs.append((yuv_to_rgb(yflat, int(ystarts[i]), *map(int, ysizes[i])) - rgb).abs())
-    mean = sum(float(d.mean()) for d in diffs) / max(len(diffs), 1)
-    peak = max(float(d.max()) for d in diffs) if diffs else float("nan")
-    print(f"yuv converted here vs rgb: mean |diff| {mean:.3f}, max {peak:.0f} over {len(diffs)} images; "
-          f"chroma of image 0: {ysizes[0].tolist()}", flush=True)
-    for output, names in kernels.items():
-        print(f"{output} kernels per batch: {names}", flush=True)
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--images", type=int, default=5120)
@@ -129,9 +89,6 @@ def main():
     p.add_argument("--threads", default="1,3", help="decode threads beside the step")
     p.add_argument("--bitstreams", default="host", help="comma list of host, device: where nvJPEG "
                    "reads the bitstreams (gpu decoder engine / engine-device); each is probed")
-    p.add_argument("--output", default="rgb", help="comma list of rgb, yuv: the decoder's output "
-                   "(yuv: planar at the chroma's own resolution, decode rows only, no crop); with "
-                   "both, first the yuv decode converted is compared with the rgb one")
     args = p.parse_args()
     if args.step_sms:
         from tools.imagenet.sm_partition import partitioned_stream
@@ -148,11 +105,8 @@ def main():
     x = torch.randn(256, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (256,), device="cuda")
     aug = gd.GpuAugment(224, mode="rrc", mean=bl.MEAN, std=bl.STD, dtype=torch.bfloat16)
-    outputs = args.output.split(",")
-    placements = [(where, out) for where in args.bitstreams.split(",") for out in outputs]
-    faulthandler.dump_traceback_later(args.seconds * 20 * len(placements) + 60, exit=True)
-    if set(outputs) == {"rgb", "yuv"}:
-        compare_outputs(batches[0])
+    placements = args.bitstreams.split(",")
+    faulthandler.dump_traceback_later(args.seconds * 20 * len(placements), exit=True)
     rows = []
 
     def row(name, *result):
@@ -160,18 +114,15 @@ def main():
         print(name, result, flush=True)
     beside = [int(t) for t in args.threads.split(",")]
     row("step alone", 0.0, run(batches, 0, args.seconds, step=lambda: step(x, y))[1], {})
-    for where, out in placements:
-        name = where if len(outputs) == 1 else f"{where}/{out}"
+    for where in placements:
         for threads in sorted({1, 2, 3} | set(beside)):
-            row(f"{name}: decode x{threads}", *run(batches, threads, args.seconds, bitstreams=where, output=out))
-        if out == "rgb":
-            row(f"{name}: decode+crop x3", *run(batches, 3, args.seconds, crop=aug, bitstreams=where))
+            row(f"{where}: decode x{threads}", *run(batches, threads, args.seconds, bitstreams=where))
+        row(f"{where}: decode+crop x3", *run(batches, 3, args.seconds, crop=aug, bitstreams=where))
         for threads in beside:
-            row(f"{name}: step + decode x{threads}",
-                *run(batches, threads, args.seconds, step=lambda: step(x, y), bitstreams=where, output=out))
-        if out == "rgb":
-            row(f"{name}: step + decode+crop x3",
-                *run(batches, 3, args.seconds, step=lambda: step(x, y), crop=aug, bitstreams=where))
+            row(f"{where}: step + decode x{threads}",
+                *run(batches, threads, args.seconds, step=lambda: step(x, y), bitstreams=where))
+        row(f"{where}: step + decode+crop x3",
+            *run(batches, 3, args.seconds, step=lambda: step(x, y), crop=aug, bitstreams=where))
     print("\n| run | decode img/s | step img/s | host ms per batch: probe / copy / decode call |\n|---|---|---|---|")
     for name, dec, st, parts in rows:
         split = " / ".join(str(parts.get(k, "-")) for k in ("probe", "copy", "decode"))

@@ -33,7 +33,6 @@ import torch
 
 _BACKEND_HARDWARE = 3
 _BACKEND_HARDWARE_DEVICE = 5  # the same engines; nvjpegDecodeBatched reads bitstreams in device memory
-_OUTPUT_YUV = 1  # planar Y, Cb, Cr at the JPEG's own chroma resolution
 _OUTPUT_RGB = 3
 _STATUS_ARCH_MISMATCH = 8
 _MAX_COMPONENT = 4
@@ -119,18 +118,13 @@ class NvjpegDecoder:
     image's bitstream from the pinned buffer itself (a CUDA call per image on this thread, beside
     the training thread's launches). Not measured yet (bench/NOTES-gpu.md phase 10)."""
 
-    def __init__(self, device="cuda", bitstreams="host", output="rgb"):
+    def __init__(self, device="cuda", bitstreams="host"):
         self.device = torch.device(device)
         if self.device.type != "cuda":
             raise RuntimeError("the nvJPEG decoder needs a CUDA device")
         if bitstreams not in ("host", "device"):
             raise ValueError(f"bitstreams {bitstreams!r}: host or device")
         self.on_device = bitstreams == "device"
-        if output not in ("rgb", "yuv"):
-            raise ValueError(f"output {output!r}: rgb or yuv")
-        # yuv: nvJPEG writes the engines' planes as they are (no conversion kernel per image);
-        # the consumer converts (bench/probe_engine.py --output)
-        self.output = output
         self.kind = "engine-device" if self.on_device else "engine"
         self._lib, self._fast = load_library()
         _declare(self._lib)
@@ -162,20 +156,17 @@ class NvjpegDecoder:
             raise RuntimeError(f"{what} failed: nvjpegStatus {status}")
 
     def _probe(self, ptr, size):
-        """(h, w, chroma h, chroma w) if the batched hardware decode takes the JPEG at host address
-        ptr, else zeros."""
+        """(h, w) if the batched hardware decode takes the JPEG at host address ptr, else (0, 0)."""
         n, sub, widths, heights = self._info
         if self._fast.nvjpegGetImageInfo(self._handle, ptr, size, ctypes.byref(n), ctypes.byref(sub),
                                          widths, heights) != 0:
-            return 0, 0, 0, 0
+            return 0, 0
         if self._fast.nvjpegJpegStreamParseHeader(self._handle, ptr, size, self._stream) != 0:
-            return 0, 0, 0, 0
+            return 0, 0
         if self._fast.nvjpegDecodeBatchedSupported(self._handle, self._stream,
                                                    ctypes.byref(self._supported)) != 0:
-            return 0, 0, 0, 0
-        if self._supported.value != 0 or n.value != 3:
-            return 0, 0, 0, 0
-        return heights[0], widths[0], heights[1], widths[1]
+            return 0, 0
+        return (heights[0], widths[0]) if self._supported.value == 0 else (0, 0)
 
     def decode_packed(self, data, offsets, frames=None):
         """A packed batch (uint8 1-D CPU tensor, N+1 byte offsets; see gpu_data.pack_jpegs; frames:
@@ -194,23 +185,15 @@ class NvjpegDecoder:
         base = data.data_ptr()
         t0 = time.perf_counter()
         if frames is None:
-            probed = np.array([self._probe(base + int(o), int(s)) for o, s in zip(offsets[:-1], lengths)],
-                              dtype=np.int64).reshape(n, 4)
-            sizes, chroma = probed[:, :2], probed[:, 2:]
-        elif self.output == "yuv":
-            raise ValueError("output yuv: the chroma sizes come from nvJPEG's header probe (frames=None)")
+            sizes = np.array([self._probe(base + int(o), int(s)) for o, s in zip(offsets[:-1], lengths)],
+                             dtype=np.int64).reshape(n, 2)
         else:  # the loader workers read the headers (gpu_data.jpeg_frames): no per-image calls here
             frames = np.asarray(frames, dtype=np.int64)
             sizes = np.where(frames[:, 2:3] != 0, frames[:, :2], 0)
         ok = sizes[:, 0] > 0
         planes = sizes[:, 0] * sizes[:, 1]
-        if self.output == "yuv":
-            chroma_planes = chroma[:, 0] * chroma[:, 1]
-            counts = planes + 2 * chroma_planes
-        else:
-            counts = 3 * planes
         starts = np.zeros(n, dtype=np.int64)
-        starts[1:] = np.cumsum(counts)[:-1]
+        starts[1:] = np.cumsum(3 * planes)[:-1]
         if not ok.any():
             return None, ok, sizes, starts
         # the bitstreams go to the GPU by DMA from one pinned buffer: from pageable memory the
@@ -223,21 +206,13 @@ class NvjpegDecoder:
         # bitstreams on the device: one DMA for the batch, in this stream's order before the decode
         source = staging.to(self.device, non_blocking=True) if self.on_device else staging
         t2 = time.perf_counter()
-        flat = torch.empty(int(counts.sum()), dtype=torch.uint8, device=self.device)
+        flat = torch.empty(int(3 * planes.sum()), dtype=torch.uint8, device=self.device)
         take = np.flatnonzero(ok)
         # nvjpegImage_t per image: channel pointers [4], then pitches [4] (size_t)
         table = np.zeros((len(take), 2 * _MAX_COMPONENT), dtype=np.uint64)
-        if self.output == "yuv":
-            first_plane = flat.data_ptr() + starts[take]
-            cp = chroma_planes[take]
-            for c, (at, pitch) in enumerate(((0, sizes[take, 1]), (planes[take], chroma[take, 1]),
-                                             (planes[take] + cp, chroma[take, 1]))):
-                table[:, c] = first_plane + at
-                table[:, _MAX_COMPONENT + c] = pitch
-        else:
-            for c in range(3):
-                table[:, c] = flat.data_ptr() + starts[take] + c * planes[take]
-                table[:, _MAX_COMPONENT + c] = sizes[take, 1]
+        for c in range(3):
+            table[:, c] = flat.data_ptr() + starts[take] + c * planes[take]
+            table[:, _MAX_COMPONENT + c] = sizes[take, 1]
         sources = (source.data_ptr() + offsets[take] - first).astype(np.uint64)
         source_lengths = lengths[take].astype(np.uint64)
         # One batched decode call at a time per process, as torchvision does: two threads' decoders
@@ -246,9 +221,8 @@ class NvjpegDecoder:
         # the batch on the engines; the decoding itself still overlaps.
         with _DECODE_LOCK:
             if self._batch != len(take):
-                fmt = _OUTPUT_YUV if self.output == "yuv" else _OUTPUT_RGB
                 self._check(self._lib.nvjpegDecodeBatchedInitialize(self._handle, self._state, len(take), 1,
-                                                                    fmt),
+                                                                    _OUTPUT_RGB),
                             "nvjpegDecodeBatchedInitialize")
                 self._batch = len(take)
             self._check(self._lib.nvjpegDecodeBatched(self._handle, self._state, sources.ctypes.data,
@@ -261,8 +235,6 @@ class NvjpegDecoder:
         done = torch.cuda.Event()
         done.record(stream)
         self._in_flight.append((done, (staging, source)))
-        if self.output == "yuv":
-            return flat, ok, np.concatenate([sizes, chroma], 1), starts
         return flat, ok, sizes, starts
 
     def __call__(self, tensors):
