@@ -2,7 +2,6 @@
 training step, with its host time split into header probes, the pinned copy and the decode call.
 
     python bench/probe_engine.py --images 5120          # GPU machine, under a minute
-    python bench/probe_engine.py --bitstreams host,device --threads 2   # both bitstream placements
 
 Answers whether the decode call slows down beside the step (the GPU: nvJPEG waits on its own work
 per image) or the Python around it does (the GIL).
@@ -25,12 +24,11 @@ from tools.imagenet.nvjpeg import NvjpegDecoder  # noqa: E402
 STEP_STREAM = []  # set by --step-sms: the step's stream on part of the SMs
 
 
-def run(batches, n_threads, seconds, step=None, crop=None, bitstreams="host"):
+def run(batches, n_threads, seconds, step=None, crop=None):
     """n_threads decode threads (own decoder and stream) for `seconds`, optionally beside a thread
-    running `step` flat out: (decode img/s, step img/s, ms per batch per part). bitstreams: where
-    nvJPEG reads them (NvjpegDecoder's host or device)."""
+    running `step` flat out: (decode img/s, step img/s, ms per batch per part)."""
     stop = threading.Event()
-    decoders = [NvjpegDecoder("cuda", bitstreams=bitstreams) for _ in range(n_threads)]
+    decoders = [NvjpegDecoder("cuda") for _ in range(n_threads)]
     counts = [0] * (n_threads + 1)
 
     def decode(k):
@@ -87,8 +85,6 @@ def main():
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--step-sms", type=int, default=0, help="run the step on this many SMs (green context)")
     p.add_argument("--threads", default="1,3", help="decode threads beside the step")
-    p.add_argument("--bitstreams", default="host", help="comma list of host, device: where nvJPEG "
-                   "reads the bitstreams (gpu decoder engine / engine-device); each is probed")
     args = p.parse_args()
     if args.step_sms:
         from tools.imagenet.sm_partition import partitioned_stream
@@ -105,24 +101,20 @@ def main():
     x = torch.randn(256, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (256,), device="cuda")
     aug = gd.GpuAugment(224, mode="rrc", mean=bl.MEAN, std=bl.STD, dtype=torch.bfloat16)
-    placements = args.bitstreams.split(",")
-    faulthandler.dump_traceback_later(args.seconds * 20 * len(placements), exit=True)
+    faulthandler.dump_traceback_later(args.seconds * 20, exit=True)
     rows = []
 
     def row(name, *result):
         rows.append((name, *result))
         print(name, result, flush=True)
     beside = [int(t) for t in args.threads.split(",")]
+    for threads in sorted({1, 2, 3} | set(beside)):
+        row(f"decode x{threads}", *run(batches, threads, args.seconds))
+    row("decode+crop x3", *run(batches, 3, args.seconds, crop=aug))
     row("step alone", 0.0, run(batches, 0, args.seconds, step=lambda: step(x, y))[1], {})
-    for where in placements:
-        for threads in sorted({1, 2, 3} | set(beside)):
-            row(f"{where}: decode x{threads}", *run(batches, threads, args.seconds, bitstreams=where))
-        row(f"{where}: decode+crop x3", *run(batches, 3, args.seconds, crop=aug, bitstreams=where))
-        for threads in beside:
-            row(f"{where}: step + decode x{threads}",
-                *run(batches, threads, args.seconds, step=lambda: step(x, y), bitstreams=where))
-        row(f"{where}: step + decode+crop x3",
-            *run(batches, 3, args.seconds, step=lambda: step(x, y), crop=aug, bitstreams=where))
+    for threads in beside:
+        row(f"step + decode x{threads}", *run(batches, threads, args.seconds, step=lambda: step(x, y)))
+    row("step + decode+crop x3", *run(batches, 3, args.seconds, step=lambda: step(x, y), crop=aug))
     print("\n| run | decode img/s | step img/s | host ms per batch: probe / copy / decode call |\n|---|---|---|---|")
     for name, dec, st, parts in rows:
         split = " / ".join(str(parts.get(k, "-")) for k in ("probe", "copy", "decode"))

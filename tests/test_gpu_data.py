@@ -317,13 +317,11 @@ def test_hardware_decoder_matches_nvjpeg_and_falls_back():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("kind", ["engine", "engine-device"])
-def test_engine_decoder_matches_nvjpeg_and_falls_back(kind):
+def test_engine_decoder_matches_nvjpeg_and_falls_back():
     """tools.imagenet.nvjpeg on the GPU's JPEG engines: torchvision's nvJPEG pixels, CMYK / PNG /
-    garbage left to the fallback (or reported), from a list and from a packed batch; the
-    bitstreams read from pinned host memory or from the GPU."""
+    garbage left to the fallback (or reported), from a list and from a packed batch."""
     try:
-        engine = gd.gpu_decoder(kind, "cuda")
+        engine = gd.gpu_decoder("engine", "cuda")
     except RuntimeError as exc:
         pytest.skip(f"no hardware JPEG decoder: {exc}")
     keys = [f"k{i}" for i in range(5)]

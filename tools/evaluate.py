@@ -57,8 +57,7 @@ def parse_args(argv=None):
                         "(nvJPEG + a crop kernel on the device; on a CPU device the same code runs on "
                         "the CPU) or auto (gpu where CUDA works, cpu for --ten-crop) (default: auto)")
     p.add_argument("--gpu-decoder", choices=list(GPU_DECODERS), default="auto",
-                   help="--decode gpu: engine (libnvjpeg on the JPEG engines of A100/H100/H200), "
-                        "engine-device (the same, bitstreams copied to the GPU per batch), nvjpeg "
+                   help="--decode gpu: engine (libnvjpeg on the JPEG engines of A100/H100/H200), nvjpeg "
                         "(torchvision), hardware (nvImageCodec) or auto (engine where there is one, else "
                         "nvjpeg) (default: auto)")
     p.add_argument("--amp", choices=sorted(AMP_DTYPES), default="none",

@@ -99,9 +99,7 @@ def parse_args(argv=None):
       "workers decode and crop on the CPU (hybrid; raise it when the GPU decoder is the limit)")
     a("--gpu-decoder", default="auto", choices=list(gpu_data.GPU_DECODERS), help="--decode gpu: "
       "engine (libnvjpeg's batched decode on the JPEG engines of A100/H100/H200, a few Python "
-      "operations per batch: the fastest on an H200), engine-device (the same, the batch's "
-      "bitstreams copied to the GPU in one piece first; not measured yet), nvjpeg (torchvision's "
-      "decode_jpeg), hardware "
+      "operations per batch: the fastest on an H200), nvjpeg (torchvision's decode_jpeg), hardware "
       "(nvImageCodec; needs nvidia-nvimgcodec) or auto (engine where the GPU has one, else nvjpeg)")
     a("--decode-threads", type=int, default=2, help="--decode gpu: host threads decoding and "
       "cropping batches ahead, each with its own CUDA stream")

@@ -231,15 +231,13 @@ def hardware_jpeg_decoder(device):
     return decode
 
 
-GPU_DECODERS = ("auto", "engine", "engine-device", "nvjpeg", "hardware")
+GPU_DECODERS = ("auto", "engine", "nvjpeg", "hardware")
 
 
 def gpu_decoder(kind, device):
     """A batch decoder by name. Each decode thread makes its own.
     - "engine": tools.imagenet.nvjpeg, libnvjpeg's batched decode on the GPU's JPEG engines (A100,
       H100, H200), packed batches in and out (raises where the GPU has no engine);
-    - "engine-device": the same, with the batch's bitstreams copied to the GPU in one piece first
-      (nvJPEG's HARDWARE_DEVICE backend) instead of image by image by nvJPEG;
     - "nvjpeg": torchvision's decode_jpeg(list, device="cuda") (the engines too where there are,
       else nvJPEG on the SMs; one call at a time per process, a list of tensors in and out);
     - "hardware": nvImageCodec on the engines (needs nvidia-nvimgcodec);
@@ -253,12 +251,12 @@ def gpu_decoder(kind, device):
         return torchvision_gpu_decoder(device)
     if kind == "hardware":
         return hardware_jpeg_decoder(device)
-    if kind in ("engine", "engine-device", "auto"):
+    if kind in ("engine", "auto"):
         from tools.imagenet.nvjpeg import NvjpegDecoder
         try:
-            return NvjpegDecoder(device, bitstreams="device" if kind == "engine-device" else "host")
+            return NvjpegDecoder(device)
         except RuntimeError:
-            if kind != "auto":
+            if kind == "engine":
                 raise
     return torchvision_gpu_decoder(device)
 

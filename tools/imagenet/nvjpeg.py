@@ -32,7 +32,6 @@ import numpy as np
 import torch
 
 _BACKEND_HARDWARE = 3
-_BACKEND_HARDWARE_DEVICE = 5  # the same engines; nvjpegDecodeBatched reads bitstreams in device memory
 _OUTPUT_RGB = 3
 _STATUS_ARCH_MISMATCH = 8
 _MAX_COMPONENT = 4
@@ -111,28 +110,19 @@ class NvjpegDecoder:
     """list of uint8 1-D CPU tensors -> list of uint8 3 x H x W views on `device` (None where the
     batched hardware decode does not take an image). Raises RuntimeError where libnvjpeg or the
     hardware backend is missing (GPUs without JPEG engines). One per thread: nvJPEG states are not
-    thread-safe. Work goes to the current CUDA stream; nothing waits for it on the host.
+    thread-safe. Work goes to the current CUDA stream; nothing waits for it on the host."""
+    kind = "engine"
 
-    bitstreams="device" (kind "engine-device"): the packed batch goes to the GPU in one copy and
-    nvJPEG's HARDWARE_DEVICE backend reads the bitstreams there, instead of nvJPEG copying each
-    image's bitstream from the pinned buffer itself (a CUDA call per image on this thread, beside
-    the training thread's launches). Not measured yet (bench/NOTES-gpu.md phase 10)."""
-
-    def __init__(self, device="cuda", bitstreams="host"):
+    def __init__(self, device="cuda"):
         self.device = torch.device(device)
         if self.device.type != "cuda":
             raise RuntimeError("the nvJPEG decoder needs a CUDA device")
-        if bitstreams not in ("host", "device"):
-            raise ValueError(f"bitstreams {bitstreams!r}: host or device")
-        self.on_device = bitstreams == "device"
-        self.kind = "engine-device" if self.on_device else "engine"
         self._lib, self._fast = load_library()
         _declare(self._lib)
         _declare(self._fast)
         self._handle, self._state, self._stream = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
-        backend = _BACKEND_HARDWARE_DEVICE if self.on_device else _BACKEND_HARDWARE
         with torch.cuda.device(self.device):
-            status = self._lib.nvjpegCreateEx(backend, None, None, 0, ctypes.byref(self._handle))
+            status = self._lib.nvjpegCreateEx(_BACKEND_HARDWARE, None, None, 0, ctypes.byref(self._handle))
             if status == _STATUS_ARCH_MISMATCH:
                 raise RuntimeError(f"{torch.cuda.get_device_name(self.device)} has no hardware JPEG decoder")
             self._check(status, "nvjpegCreateEx(hardware)")
@@ -202,9 +192,6 @@ class NvjpegDecoder:
         first, last = int(offsets[0]), int(offsets[-1])
         staging = torch.empty(last - first, dtype=torch.uint8, pin_memory=True)
         staging.copy_(data[first:last])
-        stream = torch.cuda.current_stream(self.device)
-        # bitstreams on the device: one DMA for the batch, in this stream's order before the decode
-        source = staging.to(self.device, non_blocking=True) if self.on_device else staging
         t2 = time.perf_counter()
         flat = torch.empty(int(3 * planes.sum()), dtype=torch.uint8, device=self.device)
         take = np.flatnonzero(ok)
@@ -213,8 +200,9 @@ class NvjpegDecoder:
         for c in range(3):
             table[:, c] = flat.data_ptr() + starts[take] + c * planes[take]
             table[:, _MAX_COMPONENT + c] = sizes[take, 1]
-        sources = (source.data_ptr() + offsets[take] - first).astype(np.uint64)
+        sources = (staging.data_ptr() + offsets[take] - first).astype(np.uint64)
         source_lengths = lengths[take].astype(np.uint64)
+        stream = torch.cuda.current_stream(self.device)
         # One batched decode call at a time per process, as torchvision does: two threads' decoders
         # in this call at once beside a running step hung in it (bench/probe_engine.py; a 2-GPU
         # training run hung too, where was not caught: NOTES-gpu.md phase 5). The call only queues
@@ -234,7 +222,7 @@ class NvjpegDecoder:
             self.seconds[key] += seconds
         done = torch.cuda.Event()
         done.record(stream)
-        self._in_flight.append((done, (staging, source)))
+        self._in_flight.append((done, staging))
         return flat, ok, sizes, starts
 
     def __call__(self, tensors):
