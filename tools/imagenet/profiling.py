@@ -44,15 +44,20 @@ def thread_summary(trace, main_tid, top=15):
 _GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
+def _merged(spans):
+    """(start, end) spans -> the sorted, disjoint [start, end] spans of their union."""
+    merged = []
+    for a, b in sorted(spans):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return merged
+
+
 def _union_ms(spans):
     """Milliseconds covered by the union of (start, end) microsecond spans."""
-    total, end = 0.0, None
-    for a, b in sorted(spans):
-        if end is None or a > end:
-            total, end = total + (b - a), b
-        elif b > end:
-            total, end = total + (b - end), b
-    return total / 1000
+    return sum(b - a for a, b in _merged(spans)) / 1000
 
 
 def gpu_summary(trace, top=8):
@@ -71,12 +76,7 @@ def gpu_summary(trace, top=8):
     # time with >= 2 streams busy: sweep over the per-stream unions' edges
     edges = []
     for v in spans.values():
-        merged = []
-        for a, b in sorted(v):
-            if merged and a <= merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], b)
-            else:
-                merged.append([a, b])
+        merged = _merged(v)
         edges += [(a, 1) for a, _ in merged] + [(b, -1) for _, b in merged]
     overlap, depth, last = 0.0, 0, None
     for t, d in sorted(edges):
