@@ -173,6 +173,10 @@ def parse_args(argv=None):
       "one host call per step instead of hundreds, for a host busy feeding the GPU. Captures "
       "again when the LR or weight decay changes; needs CUDA, --schedule regime or step, no "
       "--compile, --parallel ddp")
+    a("--step-sms", type=int, default=0, help="GPU: run the training step on a CUDA green "
+      "context of about this many SMs (rounded by the driver, e.g. to 8 on H100/H200), leaving "
+      "the rest to the GPU data path's decode kernels, which otherwise queue behind the step's; "
+      "0: the whole GPU. Needs a CUDA 12.4+ driver")
     a("--profile-steps", type=int, default=0, help="profile this many steps of the first "
       "epoch, after 30 steps (a third of the epoch if shorter), with torch.profiler: "
       "profile_rank{R}.json (Chrome trace) and profile_rank{R}.txt (per host thread: time in "
@@ -186,6 +190,8 @@ def parse_args(argv=None):
     for name in ("epochs", "batch_size", "crop_size", "log_every", "gpu_prefetch"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.step_sms < 0:
+        p.error("--step-sms must be 0 (the whole GPU) or a number of SMs")
     if args.step_alone < 0:
         p.error("--step-alone must be 0 (off) or a number of steps")
     if args.cuda_graphs:
@@ -597,7 +603,7 @@ def main(argv=None):
         nccl_protocol(args.nccl_proto)
     rank, world, device = setup(args.device)
     try:
-        with StopFlag() as stop, work_stream(device):
+        with StopFlag() as stop, work_stream(device, args.step_sms):
             return train(args, rank, world, device, stop)
     except Diverged as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)

@@ -37,15 +37,22 @@ def nccl_protocol(proto, environ=os.environ):
     return environ.get("NCCL_PROTO", "auto")
 
 
-def work_stream(device):
+def work_stream(device, sms=0):
     """Context for a process's GPU work: a CUDA stream of its own, not PyTorch's default stream.
 
     The default (legacy NULL) stream is implicitly synchronised with every blocking stream of the
     process, and libnvjpeg (the GPU data path's decoders) works on blocking streams of its own: on
     the default stream, the training step and the decode wait on each other. On a side stream the
-    H200 bench fed AlexNet-BN 19.3k / 18.9k img/s against 16.8k / 14.6k (bench/NOTES-gpu.md)."""
+    H200 bench fed AlexNet-BN 19.3k / 18.9k img/s against 16.8k / 14.6k (bench/NOTES-gpu.md).
+    sms > 0: the stream of a CUDA green context on about that many SMs (tools.imagenet.sm_partition),
+    so the data path's small kernels (nvJPEG's conversions, the crop) find SMs free beside the step."""
     if device.type != "cuda":
         return contextlib.nullcontext()
+    if sms:
+        from tools.imagenet.sm_partition import partitioned_stream
+        stream, got, total = partitioned_stream(device, sms)
+        print(f"work stream: {got} of the GPU's {total} SMs, the rest left to the data path", flush=True)
+        return torch.cuda.stream(stream)
     return torch.cuda.stream(torch.cuda.Stream(device))
 
 

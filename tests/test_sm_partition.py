@@ -1,0 +1,64 @@
+"""tools/imagenet/sm_partition.py and tools.train --step-sms: the training step on a CUDA green
+context (part of the SMs), eager and captured as a CUDA graph, trains as on the whole GPU."""
+import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests._shards import write_shards
+from tests.test_graphed import _batches, _close, _train
+from tools.imagenet.distributed import work_stream
+from tools.imagenet.graphed import WARMUP
+from tools.train import parse_args
+
+ROOT = Path(__file__).resolve().parent.parent
+CUDA = torch.cuda.is_available()
+
+
+def test_step_sms_flag():
+    base = ["--shards", "s", "--out", "o"]
+    assert parse_args(base).step_sms == 0
+    assert parse_args(base + ["--step-sms", "120"]).step_sms == 120
+    with pytest.raises(SystemExit):
+        parse_args(base + ["--step-sms", "-8"])
+
+
+def test_work_stream_on_the_cpu_ignores_sms():
+    assert isinstance(work_stream(torch.device("cpu"), 120), contextlib.nullcontext)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_green_context_step_trains_like_the_whole_gpu():
+    from tools.imagenet.sm_partition import partitioned_stream
+    stream, got, total = partitioned_stream("cuda:0", 64)
+    assert 0 < got < total
+    batches = _batches(WARMUP + 6, 32, "cuda")
+    with torch.cuda.stream(torch.cuda.Stream()):
+        whole, whole_losses, _ = _train("static", "cuda", batches)
+    with torch.cuda.stream(stream):
+        eager, eager_losses, _ = _train("static", "cuda", batches)
+        graphed, graphed_losses, step = _train("graph", "cuda", batches)
+    assert step.replays == 6
+    for state, losses in ((eager, eager_losses), (graphed, graphed_losses)):
+        _close(whole, state, 1e-4)
+        assert losses == pytest.approx(whole_losses, rel=1e-4)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_train_with_step_sms_and_cuda_graphs(tmp_path):
+    info = write_shards(tmp_path / "shards", train_counts=[40, 40, 40, 40], val_counts=[10, 10])
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "tools.train", "--shards", str(info["dir"]), "--out", str(out),
+           "--arch", "alexnetowtbn", "--crop-size", "64", "--batch-size", "8", "--epochs", "1",
+           "--workers", "2", "--log-every", "5", "--amp", "bf16", "--channels-last", "--decode", "gpu",
+           "--cuda-graphs", "--step-sms", "64"]
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": path}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "work stream: " in proc.stdout and (out / "final.json").is_file()
+    assert "cuda graphs: 9 steps replayed" in proc.stdout
