@@ -18,7 +18,9 @@ few seconds' slowdown decided a run, and one setting's 2-GPU runs spread from 23
 on 2 x H200 (bench/NOTES-gpu.md, phase 9). Each run
 ends with every rank timing --step-alone train steps on synthetic batches (tools.train --step-alone),
 printed per run: a slow run whose ranks are slow alone too kept slow kernels (e.g. cuDNN's choice).
-The summary json is rewritten after every run, so a call cut short keeps what it measured.
+The summary json is rewritten after every run, so a call cut short keeps what it measured. On GPUs
+nvidia-smi samples every GPU's SM clock, power, temperature and clock-limit reasons through each run
+(bench/gpu_sampler.py), printed on the run's line: a machine slowing within a call shows there.
 
 --independent adds N separate 1-GPU trainings at once (own GPU and CPUs each): what the data path
 gives N GPUs when no gradients are exchanged, so the DDP run's shortfall from it is DDP's cost.
@@ -45,6 +47,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 import bench_e2e  # noqa: E402
+from gpu_sampler import GpuSampler, describe  # noqa: E402
 
 
 def parse_variant(text):
@@ -117,37 +120,39 @@ def run_once(args, shards, label, gpus, flags, env=None, independent=False, gil_
     once, each on its own GPU and CPUs, no gradient exchange; their rates add up: what the
     pipeline gives N GPUs when DDP costs nothing (the N-GPU ceiling of the data path)."""
     runs = []
-    for i in range(gpus if independent else 1):
-        out = args.work / "runs" / (f"{label}-{i}" if independent else label)
-        shutil.rmtree(out, ignore_errors=True)
-        cmd = train_command(args, shards, out, 1 if independent else gpus, flags,
-                            first_cpu=i * args.cpus_per_gpu if independent else 0)
-        run_env = {**os.environ, **(env or {})}
-        if independent and args.device == "cuda":
-            run_env["CUDA_VISIBLE_DEVICES"] = str(i)
-        log = out.parent / f"{out.name}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        print("+", " ".join(f"{k}={v}" for k, v in (env or {}).items()), " ".join(map(str, cmd)), flush=True)
-        with open(log, "w") as f:
-            runs.append((out, log, subprocess.Popen(list(map(str, cmd)), cwd=ROOT, env=run_env, stdout=f,
-                                                    stderr=subprocess.STDOUT)))
-    try:
-        if gil_raw is not None:
-            sample_gil(runs[0][2], runs[0][0], gil_raw, args.gil_seconds, args.timeout)
-        for out, log, proc in runs:
-            if proc.wait(timeout=args.timeout) != 0:
-                raise SystemExit(f"error: {label} exited with {proc.returncode}; see {log}")
-    finally:
-        for _, _, proc in runs:
-            if proc.poll() is None:
-                proc.kill()
+    # the GPUs' clocks, power and limits while this run trains: a machine slowing within a call shows
+    with GpuSampler(args.work / "runs" / f"{label}.gpu.csv", enabled=args.device == "cuda") as sampler:
+        for i in range(gpus if independent else 1):
+            out = args.work / "runs" / (f"{label}-{i}" if independent else label)
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = train_command(args, shards, out, 1 if independent else gpus, flags,
+                                first_cpu=i * args.cpus_per_gpu if independent else 0)
+            run_env = {**os.environ, **(env or {})}
+            if independent and args.device == "cuda":
+                run_env["CUDA_VISIBLE_DEVICES"] = str(i)
+            log = out.parent / f"{out.name}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            print("+", " ".join(f"{k}={v}" for k, v in (env or {}).items()), " ".join(map(str, cmd)), flush=True)
+            with open(log, "w") as f:
+                runs.append((out, log, subprocess.Popen(list(map(str, cmd)), cwd=ROOT, env=run_env, stdout=f,
+                                                        stderr=subprocess.STDOUT)))
+        try:
+            if gil_raw is not None:
+                sample_gil(runs[0][2], runs[0][0], gil_raw, args.gil_seconds, args.timeout)
+            for out, log, proc in runs:
+                if proc.wait(timeout=args.timeout) != 0:
+                    raise SystemExit(f"error: {label} exited with {proc.returncode}; see {log}")
+        finally:
+            for _, _, proc in runs:
+                if proc.poll() is None:
+                    proc.kill()
     measured = [bench_e2e.train_rate(out) for out, _, _ in runs]
     joined = {k: [v for _, _, ranks in measured for v in ranks[k]] for k in measured[0][2]}
     joined["step_alone_ranks"] = [v for out, _, _ in runs for v in
                                   json.loads((out / "final.json").read_text()).get("step_alone_images_per_s", [])]
     joined["images_per_s_intervals"] = [round(sum(x)) for x in zip(*(r["images_per_s_intervals"]
                                                                        for _, _, r in measured))]
-    return {"rate": sum(rate for rate, _, _ in measured), **joined}
+    return {"rate": sum(rate for rate, _, _ in measured), **joined, "gpu": sampler.summary}
 
 
 def _short_process(frame):
@@ -200,8 +205,8 @@ def summarize(results, base_gpus, path):
                      "vs_base_1": med / base, **per_rank,
                      # each run's own: a slow run shows which rank held the others up, and
                      # whether that rank's step alone was slow too
-                     "runs_ranks": [{k: [round(v, 2) for v in x[k]] for k in (*shares, "step_alone_ranks")}
-                                    for x in runs],
+                     "runs_ranks": [{**{k: [round(v, 2) for v in x[k]] for k in (*shares, "step_alone_ranks")},
+                                     "gpu": x.get("gpu", {})} for x in runs],
                      "intervals": [x["images_per_s_intervals"] for x in runs]})
     path.write_text(json.dumps(rows, indent=2))
     return rows
@@ -291,11 +296,13 @@ def main(argv=None):
     # A slow multi-GPU run shows here as one rank that hardly waits for data and issues its steps
     # most of the time while the others wait (bench/NOTES-gpu.md phase 10).
     print("\n== each run: images/s, per rank data wait / host issuing steps / GPU in steps"
-          "[, its train step alone afterwards (synthetic batches)] ==")
+          "[, its train step alone afterwards (synthetic batches)][, the GPUs' SM clock (median, min), power, "
+          "peak temperature and clock limits, sampled by nvidia-smi] ==")
     for row in rows:
         for rate, x in zip(row["runs"], row["runs_ranks"]):
             alone = f"  alone: {', '.join(f'{v:,.0f}' for v in x['step_alone_ranks'])}" if x["step_alone_ranks"] else ""
-            print(f"{row['variant']:14s} {row['gpus']:4d} {rate:9,d}  {rank_shares(x)}{alone}")
+            gpu = f"  {describe(x['gpu'])}" if x.get("gpu") else ""
+            print(f"{row['variant']:14s} {row['gpus']:4d} {rate:9,d}  {rank_shares(x)}{alone}{gpu}")
     return 0
 
 

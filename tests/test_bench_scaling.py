@@ -88,5 +88,6 @@ def test_summary_is_written_after_each_run_even_before_the_baseline(tmp_path):
     rows = {(r["variant"], r["gpus"]): r for r in bench_scaling.summarize(results, 1, path)}
     assert rows[("base", 2)]["vs_base_1"] == 2.0 and rows[("base", 2)]["data_share_ranks"] == [0.1, 0.3]
     assert rows[("base", 2)]["runs_ranks"] == [{"data_share_ranks": [0.1, 0.3], "step_host_ranks": [0.5, 0.5],
-                                                "gpu_busy_ranks": [0.9, 0.8], "step_alone_ranks": [1000.0, 700.0]}]
+                                                "gpu_busy_ranks": [0.9, 0.8], "step_alone_ranks": [1000.0, 700.0],
+                                                "gpu": {}}]
     assert len(json.loads(path.read_text())) == 2
