@@ -1,6 +1,7 @@
 """One GPU against several, same data, same call: the training rate of tools.train on shards the
 workflow prepared once, each setting repeated (runs interleaved, so drift of the machine hits all
-alike), medians and the N-GPU / 1-GPU ratio printed last.
+alike; every second repeat in reverse order, so a steady drift does too), medians and the N-GPU /
+1-GPU ratio printed last.
 
     python bench/bench_scaling.py --work /tmp/scaling --gpus 1,2 --repeats 2
     python bench/bench_scaling.py --work /tmp/scaling --variant 'sync-step:--bn-stats-sync step' \\
@@ -97,6 +98,13 @@ def epoch_size(args, gpus):
     if not args.epoch_images:
         return []
     return ["--epoch-size", max(1, args.epoch_images // (args.batch_per_gpu * gpus))]
+
+
+def run_order(settings, repeat):
+    """The settings in order on even repeats and reversed on odd ones (A B B A ...): a machine that
+    drifts steadily through a call (phase 12 of bench/NOTES-gpu.md saw one slow down by 20 %) then
+    weighs on every setting alike instead of always on the last."""
+    return list(reversed(settings)) if repeat % 2 else list(settings)
 
 
 def sample_gil(proc, out, raw, seconds, timeout):
@@ -263,11 +271,12 @@ def main(argv=None):
     shards = prepare(args)
 
     results = collections.defaultdict(list)
+    settings = [(name, flags, env, g) for name, flags, env in variants
+                for g in (gpu_counts if name == "base" else variant_gpus)]
     for r in range(args.repeats):
-        for name, flags, env in variants:
-            for g in gpu_counts if name == "base" else variant_gpus:
-                results[(name, g)].append(run_once(args, shards, f"{name}-g{g}-r{r}", g, flags, env))
-                summarize(results, gpu_counts[0], args.work / "bench_scaling.json")
+        for name, flags, env, g in run_order(settings, r):
+            results[(name, g)].append(run_once(args, shards, f"{name}-g{g}-r{r}", g, flags, env))
+            summarize(results, gpu_counts[0], args.work / "bench_scaling.json")
         if args.independent:
             for g in gpu_counts[1:]:
                 results[("independent", g)].append(run_once(args, shards, f"independent-g{g}-r{r}", g, [],

@@ -91,3 +91,14 @@ def test_summary_is_written_after_each_run_even_before_the_baseline(tmp_path):
                                                 "gpu_busy_ranks": [0.9, 0.8], "step_alone_ranks": [1000.0, 700.0],
                                                 "gpu": {}}]
     assert len(json.loads(path.read_text())) == 2
+
+
+def test_odd_repeats_run_the_settings_in_reverse_order():
+    settings = ["base-1", "base-2", "pf8-1", "pf8-2"]
+    assert bench_scaling.run_order(settings, 0) == settings
+    assert bench_scaling.run_order(settings, 1) == settings[::-1]
+    assert bench_scaling.run_order(settings, 2) == settings
+    # over two repeats every setting's mean position is the same: a linear drift hits all alike
+    positions = {x: bench_scaling.run_order(settings, 0).index(x) + bench_scaling.run_order(settings, 1).index(x)
+                 for x in settings}
+    assert len(set(positions.values())) == 1
