@@ -79,12 +79,26 @@ def run(batches, n_threads, seconds, step=None, crop=None):
             {k: round(v / max(n, 1) * 1000, 2) for k, v in parts.items()})
 
 
+def graph_step():
+    """tools.train's step with --cuda-graphs: AlexNet-BN, fused SGD, bf16, captured after WARMUP eager
+    steps on the stream of the thread that first calls it (the step's, as in tools.train)."""
+    from tools.imagenet.graphed import GraphedStep
+    from tools.imagenet.models import build_model
+    from tools.imagenet.step import sgd
+    model = build_model("alexnetowtbn", 1000).cuda().to(memory_format=torch.channels_last).train()
+    opt = sgd(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, kernel="fused")
+    return GraphedStep(model, opt, torch.bfloat16, 256)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--images", type=int, default=5120)
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--step-sms", type=int, default=0, help="run the step on this many SMs (green context)")
     p.add_argument("--threads", default="1,3", help="decode threads beside the step")
+    p.add_argument("--steps", default="eager", help="comma-separated kinds of step to run beside the "
+                   "decode: eager (bench_loader's), graph (tools.train --cuda-graphs: AlexNet-BN with "
+                   "fused SGD captured as one CUDA graph, replayed)")
     args = p.parse_args()
     if args.step_sms:
         from tools.imagenet.sm_partition import partitioned_stream
@@ -97,7 +111,9 @@ def main():
         data, offsets = gd.pack_jpegs(blobs[i:i + 256])
         batches.append((data, offsets.numpy()))
     print(f"{len(blobs)} JPEGs, {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    step = bl.make_step("alexnetowtbn", False)
+    steps = {"eager": bl.make_step("alexnetowtbn", False)}
+    if "graph" in args.steps.split(","):
+        steps["graph"] = graph_step()
     x = torch.randn(256, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (256,), device="cuda")
     aug = gd.GpuAugment(224, mode="rrc", mean=bl.MEAN, std=bl.STD, dtype=torch.bfloat16)
@@ -111,10 +127,12 @@ def main():
     for threads in sorted({1, 2, 3} | set(beside)):
         row(f"decode x{threads}", *run(batches, threads, args.seconds))
     row("decode+crop x3", *run(batches, 3, args.seconds, crop=aug))
-    row("step alone", 0.0, run(batches, 0, args.seconds, step=lambda: step(x, y))[1], {})
-    for threads in beside:
-        row(f"step + decode x{threads}", *run(batches, threads, args.seconds, step=lambda: step(x, y)))
-    row("step + decode+crop x3", *run(batches, 3, args.seconds, step=lambda: step(x, y), crop=aug))
+    for kind in args.steps.split(","):
+        step, name = steps[kind], "step" if kind == "eager" else f"{kind} step"
+        row(f"{name} alone", 0.0, run(batches, 0, args.seconds, step=lambda: step(x, y))[1], {})
+        for threads in beside:
+            row(f"{name} + decode x{threads}", *run(batches, threads, args.seconds, step=lambda: step(x, y)))
+        row(f"{name} + decode+crop x3", *run(batches, 3, args.seconds, step=lambda: step(x, y), crop=aug))
     print("\n| run | decode img/s | step img/s | host ms per batch: probe / copy / decode call |\n|---|---|---|---|")
     for name, dec, st, parts in rows:
         split = " / ".join(str(parts.get(k, "-")) for k in ("probe", "copy", "decode"))
