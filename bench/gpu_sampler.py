@@ -4,7 +4,7 @@ as falling clocks and the reason the driver gives, not as a mystery in the img/s
 
     with GpuSampler(Path("/tmp/run/gpu.csv")) as sampler:
         run_the_benchmark()
-    print(describe(sampler.summary))   # GPU0 1980 MHz (min 1755) 612 W 71 C limits: SW power cap
+    print(describe(sampler.summary))   # GPU0 1980 MHz (min 1755 MHz) 612 W 71 C limits: SW power cap
 
 Where nvidia-smi is missing or answers none of the queries, the sampler records nothing and the
 summary is empty: the benchmark runs the same.
@@ -76,7 +76,7 @@ def summarize(csv_text):
 
 
 def describe(summary):
-    """One line for a summary: 'GPU0 1980 MHz (min 1755) 612 W 71 C; GPU1 ...' ('' when empty)."""
+    """One line for a summary: 'GPU0 1980 MHz (min 1755 MHz) 612 W 71 C; GPU1 ...' ('' when empty)."""
     def fmt(value, unit):
         return f"{value:.0f} {unit}" if value is not None else f"? {unit}"
     parts = []

@@ -100,6 +100,9 @@ def main():
                    "decode: eager (bench_loader's), graph (tools.train --cuda-graphs: AlexNet-BN with "
                    "fused SGD captured as one CUDA graph, replayed)")
     args = p.parse_args()
+    kinds = args.steps.split(",")
+    if not set(kinds) <= {"eager", "graph"}:
+        p.error(f"--steps {args.steps}: give eager, graph or both")
     if args.step_sms:
         from tools.imagenet.sm_partition import partitioned_stream
         stream, got, total = partitioned_stream("cuda", args.step_sms)
@@ -112,7 +115,7 @@ def main():
         batches.append((data, offsets.numpy()))
     print(f"{len(blobs)} JPEGs, {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     steps = {"eager": bl.make_step("alexnetowtbn", False)}
-    if "graph" in args.steps.split(","):
+    if "graph" in kinds:
         steps["graph"] = graph_step()
     x = torch.randn(256, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (256,), device="cuda")
@@ -127,7 +130,7 @@ def main():
     for threads in sorted({1, 2, 3} | set(beside)):
         row(f"decode x{threads}", *run(batches, threads, args.seconds))
     row("decode+crop x3", *run(batches, 3, args.seconds, crop=aug))
-    for kind in args.steps.split(","):
+    for kind in kinds:
         step, name = steps[kind], "step" if kind == "eager" else f"{kind} step"
         row(f"{name} alone", 0.0, run(batches, 0, args.seconds, step=lambda: step(x, y))[1], {})
         for threads in beside:
