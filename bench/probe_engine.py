@@ -79,15 +79,18 @@ def run(batches, n_threads, seconds, step=None, crop=None):
             {k: round(v / max(n, 1) * 1000, 2) for k, v in parts.items()})
 
 
-def graph_step():
-    """tools.train's step with --cuda-graphs: AlexNet-BN, fused SGD, bf16, captured after WARMUP eager
-    steps on the stream of the thread that first calls it (the step's, as in tools.train)."""
+def train_step(kind):
+    """tools.train's step: AlexNet-BN, fused SGD, bf16; eager, or (graph, --cuda-graphs) captured
+    after WARMUP eager steps on the stream of the thread that first calls it and replayed. Both
+    kinds share everything but the capture, so their rows differ by it alone."""
     from tools.imagenet.graphed import GraphedStep
     from tools.imagenet.models import build_model
-    from tools.imagenet.step import sgd
+    from tools.imagenet.step import eager_step, sgd
     model = build_model("alexnetowtbn", 1000).cuda().to(memory_format=torch.channels_last).train()
     opt = sgd(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, kernel="fused")
-    return GraphedStep(model, opt, torch.bfloat16, 256)
+    if kind == "graph":
+        return GraphedStep(model, opt, torch.bfloat16, 256)
+    return eager_step(model, opt, torch.bfloat16, torch.device("cuda"))
 
 
 def main():
@@ -97,7 +100,7 @@ def main():
     p.add_argument("--step-sms", type=int, default=0, help="run the step on this many SMs (green context)")
     p.add_argument("--threads", default="1,3", help="decode threads beside the step")
     p.add_argument("--steps", default="eager", help="comma-separated kinds of step to run beside the "
-                   "decode: eager (bench_loader's), graph (tools.train --cuda-graphs: AlexNet-BN with "
+                   "decode: eager (tools.train's), graph (tools.train --cuda-graphs: AlexNet-BN with "
                    "fused SGD captured as one CUDA graph, replayed)")
     args = p.parse_args()
     kinds = args.steps.split(",")
@@ -114,9 +117,7 @@ def main():
         data, offsets = gd.pack_jpegs(blobs[i:i + 256])
         batches.append((data, offsets.numpy()))
     print(f"{len(blobs)} JPEGs, {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    steps = {"eager": bl.make_step("alexnetowtbn", False)}
-    if "graph" in kinds:
-        steps["graph"] = graph_step()
+    steps = {kind: train_step(kind) for kind in kinds}
     x = torch.randn(256, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (256,), device="cuda")
     aug = gd.GpuAugment(224, mode="rrc", mean=bl.MEAN, std=bl.STD, dtype=torch.bfloat16)
