@@ -11,7 +11,7 @@ import torch
 
 from tests._shards import write_shards
 from tests.test_graphed import _batches, _close, _train
-from tools.imagenet.distributed import work_stream
+from tools.imagenet.distributed import step_sms_for, work_stream
 from tools.imagenet.graphed import WARMUP
 from tools.train import parse_args
 
@@ -21,14 +21,25 @@ CUDA = torch.cuda.is_available()
 
 def test_step_sms_flag():
     base = ["--shards", "s", "--out", "o"]
-    assert parse_args(base).step_sms == 0
+    assert parse_args(base).step_sms == "auto"
     assert parse_args(base + ["--step-sms", "120"]).step_sms == 120
-    with pytest.raises(SystemExit):
-        parse_args(base + ["--step-sms", "-8"])
+    assert parse_args(base + ["--step-sms", "0"]).step_sms == 0
+    for bad in ("-8", "half", "1.5"):
+        with pytest.raises(SystemExit):
+            parse_args(base + ["--step-sms", bad])
+
+
+def test_auto_keeps_sms_free_on_several_gpus_only():
+    assert step_sms_for("auto", 1, 132) == 0  # one GPU: the whole of it
+    assert step_sms_for("auto", 2, 132) == 120  # H100/H200: 12 SMs left free
+    assert step_sms_for("auto", 4, 108) == 96  # A100: rounded down to the 8-SM granularity
+    assert step_sms_for("auto", 2, 10) == 8  # never an empty partition
+    assert step_sms_for(64, 1, 132) == 64 and step_sms_for(0, 8, 132) == 0
 
 
 def test_work_stream_on_the_cpu_ignores_sms():
     assert isinstance(work_stream(torch.device("cpu"), 120), contextlib.nullcontext)
+    assert isinstance(work_stream(torch.device("cpu"), "auto", 2), contextlib.nullcontext)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")

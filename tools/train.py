@@ -43,8 +43,8 @@ from tqdm import tqdm
 
 from tools.imagenet import checkpoint as ckpt
 from tools.imagenet.autotune import cudnn_searches, search_quietly, synthetic_step_rate
-from tools.imagenet.distributed import (NCCL_PROTOCOLS, all_reduce, nccl_protocol, setup,
-                                        work_stream)
+from tools.imagenet.distributed import (AUTO_FREE_SMS, NCCL_PROTOCOLS, all_reduce, nccl_protocol,
+                                        setup, work_stream)
 from tools.imagenet.distributed import amp_dtype as autocast_dtype
 from tools.imagenet import fsutil
 from tools.imagenet.evaluation import evaluate
@@ -65,6 +65,15 @@ INTERRUPTED = 143  # 128 + SIGTERM, what a preempted job reports
 
 class Diverged(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+def step_sms_setting(text):
+    """--step-sms's value: auto, or a whole number of SMs (0: the whole GPU)."""
+    if text == "auto":
+        return text
+    if text.isdigit():
+        return int(text)
+    raise argparse.ArgumentTypeError(f"{text!r}: auto, 0 (the whole GPU) or a number of SMs")
 
 
 def parse_args(argv=None):
@@ -173,10 +182,12 @@ def parse_args(argv=None):
       "one host call per step instead of hundreds, for a host busy feeding the GPU. Captures "
       "again when the LR or weight decay changes; needs CUDA, --schedule regime or step, no "
       "--compile, --parallel ddp")
-    a("--step-sms", type=int, default=0, help="GPU: run the training step on a CUDA green "
-      "context of about this many SMs (rounded by the driver, e.g. to 8 on H100/H200), leaving "
-      "the rest to the GPU data path's decode kernels, which otherwise queue behind the step's; "
-      "0: the whole GPU. Needs a CUDA 12.4+ driver")
+    a("--step-sms", type=step_sms_setting, default="auto", help="GPU: run the training step on "
+      "a CUDA green context of about this many SMs (rounded by the driver, e.g. to 8 on "
+      "H100/H200), leaving the rest to DDP's all-reduce kernels and the GPU data path's decode "
+      "kernels, which otherwise queue behind the step's; 0: the whole GPU; auto: all but "
+      f"{AUTO_FREE_SMS} SMs when training on several GPUs, the whole GPU on one (and where the "
+      "driver has no green contexts, which need CUDA 12.4+)")
     a("--profile-steps", type=int, default=0, help="profile this many steps of the first "
       "epoch, after 30 steps (a third of the epoch if shorter), with torch.profiler: "
       "profile_rank{R}.json (Chrome trace) and profile_rank{R}.txt (per host thread: time in "
@@ -190,8 +201,6 @@ def parse_args(argv=None):
     for name in ("epochs", "batch_size", "crop_size", "log_every", "gpu_prefetch"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.step_sms < 0:
-        p.error("--step-sms must be 0 (the whole GPU) or a number of SMs")
     if args.step_alone < 0:
         p.error("--step-alone must be 0 (off) or a number of steps")
     if args.cuda_graphs:
@@ -603,7 +612,7 @@ def main(argv=None):
         nccl_protocol(args.nccl_proto)
     rank, world, device = setup(args.device)
     try:
-        with StopFlag() as stop, work_stream(device, args.step_sms):
+        with StopFlag() as stop, work_stream(device, args.step_sms, world):
             return train(args, rank, world, device, stop)
     except Diverged as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)

@@ -37,22 +37,52 @@ def nccl_protocol(proto, environ=os.environ):
     return environ.get("NCCL_PROTO", "auto")
 
 
-def work_stream(device, sms=0):
+AUTO_FREE_SMS = 12  # SMs --step-sms auto keeps off a multi-GPU step (a green context's size goes by 8)
+
+
+def step_sms_for(setting, world, total_sms):
+    """The SMs the training step gets (0: the whole GPU) for --step-sms `setting`: a number as it
+    is; "auto": in a run of several GPU processes all but AUTO_FREE_SMS of the GPU's total_sms,
+    rounded down to the 8 SMs green contexts are cut in, and the whole GPU in a 1-GPU run.
+
+    Why: DDP's all-reduce kernels (and the data path's decode kernels) queue behind the backward's
+    kernels when those fill every SM, and the ranks then wait on each other. On 2 x H200, AlexNet-BN
+    trained at 36.3k / 39.9k img/s with the step on 120 of 132 SMs against 30.7-34.2k on the whole
+    GPU (bench/NOTES-gpu.md phase 13); on one GPU the difference was within the runs' spread, and a
+    compute-bound model there would only lose the SMs."""
+    if setting != "auto":
+        return int(setting)
+    if world < 2:
+        return 0
+    return max(8, (total_sms - AUTO_FREE_SMS) // 8 * 8)
+
+
+def work_stream(device, sms=0, world=1):
     """Context for a process's GPU work: a CUDA stream of its own, not PyTorch's default stream.
 
     The default (legacy NULL) stream is implicitly synchronised with every blocking stream of the
     process, and libnvjpeg (the GPU data path's decoders) works on blocking streams of its own: on
     the default stream, the training step and the decode wait on each other. On a side stream the
     H200 bench fed AlexNet-BN 19.3k / 18.9k img/s against 16.8k / 14.6k (bench/NOTES-gpu.md).
-    sms > 0: the stream of a CUDA green context on about that many SMs (tools.imagenet.sm_partition),
-    so the data path's small kernels (nvJPEG's conversions, the crop) find SMs free beside the step."""
+    sms: a number > 0 or "auto" (step_sms_for): the stream of a CUDA green context on about that
+    many SMs (tools.imagenet.sm_partition), so NCCL's and the data path's kernels find SMs free
+    beside the step. "auto" falls back to the whole GPU where the driver has no green contexts."""
     if device.type != "cuda":
         return contextlib.nullcontext()
-    if sms:
+    total = torch.cuda.get_device_properties(device).multi_processor_count
+    count = step_sms_for(sms, world, total)
+    if count:
         from tools.imagenet.sm_partition import partitioned_stream
-        stream, got, total = partitioned_stream(device, sms)
-        print(f"work stream: {got} of the GPU's {total} SMs, the rest left to the data path", flush=True)
-        return torch.cuda.stream(stream)
+        try:
+            stream, got, total = partitioned_stream(device, count)
+        except RuntimeError as exc:
+            if sms != "auto":
+                raise
+            print(f"work stream: the whole GPU ({exc})", flush=True)
+        else:
+            print(f"work stream: {got} of the GPU's {total} SMs, the rest left to NCCL and the data path",
+                  flush=True)
+            return torch.cuda.stream(stream)
     return torch.cuda.stream(torch.cuda.Stream(device))
 
 
