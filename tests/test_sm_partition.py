@@ -21,7 +21,8 @@ CUDA = torch.cuda.is_available()
 
 def test_step_sms_flag():
     base = ["--shards", "s", "--out", "o"]
-    assert parse_args(base).step_sms == "auto"
+    assert parse_args(base).step_sms == 0
+    assert parse_args(base + ["--step-sms", "auto"]).step_sms == "auto"
     assert parse_args(base + ["--step-sms", "120"]).step_sms == 120
     assert parse_args(base + ["--step-sms", "0"]).step_sms == 0
     for bad in ("-8", "half", "1.5"):

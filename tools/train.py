@@ -182,12 +182,13 @@ def parse_args(argv=None):
       "one host call per step instead of hundreds, for a host busy feeding the GPU. Captures "
       "again when the LR or weight decay changes; needs CUDA, --schedule regime or step, no "
       "--compile, --parallel ddp")
-    a("--step-sms", type=step_sms_setting, default="auto", help="GPU: run the training step on "
-      "a CUDA green context of about this many SMs (rounded by the driver, e.g. to 8 on "
-      "H100/H200), leaving the rest to DDP's all-reduce kernels and the GPU data path's decode "
-      "kernels, which otherwise queue behind the step's; 0: the whole GPU; auto: all but "
+    a("--step-sms", type=step_sms_setting, default=0, help="GPU: run the training step on a "
+      "CUDA green context of about this many SMs (rounded by the driver, e.g. to 8 on H100/H200), "
+      "leaving the rest to DDP's all-reduce kernels and the GPU data path's decode kernels, which "
+      "otherwise queue behind the step's; 0: the whole GPU; auto: all but "
       f"{AUTO_FREE_SMS} SMs when training on several GPUs, the whole GPU on one (and where the "
-      "driver has no green contexts, which need CUDA 12.4+)")
+      "driver has no green contexts, which need CUDA 12.4+). Experimental: faster on 2 x H200, "
+      "but 2 of 12 such 2-GPU runs there hung in the CUDA driver (bench/NOTES-gpu.md phase 13)")
     a("--profile-steps", type=int, default=0, help="profile this many steps of the first "
       "epoch, after 30 steps (a third of the epoch if shorter), with torch.profiler: "
       "profile_rank{R}.json (Chrome trace) and profile_rank{R}.txt (per host thread: time in "

@@ -46,10 +46,12 @@ def step_sms_for(setting, world, total_sms):
     rounded down to the 8 SMs green contexts are cut in, and the whole GPU in a 1-GPU run.
 
     Why: DDP's all-reduce kernels (and the data path's decode kernels) queue behind the backward's
-    kernels when those fill every SM, and the ranks then wait on each other. On 2 x H200, AlexNet-BN
-    trained at 36.3k / 39.9k img/s with the step on 120 of 132 SMs against 30.7-34.2k on the whole
-    GPU (bench/NOTES-gpu.md phase 13); on one GPU the difference was within the runs' spread, and a
-    compute-bound model there would only lose the SMs."""
+    kernels when those fill every SM, and the ranks then wait on each other. On two 2 x H200 machines,
+    AlexNet-BN trained at 36.3k, 39.9k and 42.3k img/s with the step on 120 of 132 SMs against 30.7-34.2k
+    and 37.2-41.9k on the whole GPU of the same machines; but 2 of 12 such 2-GPU runs hung, both
+    ranks' training threads waiting on a lock inside the CUDA driver (bench/NOTES-gpu.md phase 13), so
+    it is not the default. On one GPU the difference was within the runs' spread, and a compute-bound
+    model there would only lose the SMs."""
     if setting != "auto":
         return int(setting)
     if world < 2:
