@@ -19,7 +19,10 @@ few seconds' slowdown decided a run, and one setting's 2-GPU runs spread from 23
 on 2 x H200 (bench/NOTES-gpu.md, phase 9). Each run
 ends with every rank timing --step-alone train steps on synthetic batches (tools.train --step-alone),
 printed per run: a slow run whose ranks are slow alone too kept slow kernels (e.g. cuDNN's choice).
-The summary json is rewritten after every run, so a call cut short keeps what it measured. On GPUs
+The summary json is rewritten after every run, so a call cut short keeps what it measured. A run
+still going after --timeout seconds is counted as hung: py-spy (where on PATH) writes the native and
+Python stacks of every thread of its processes to runs/<label>.stacks.txt, its whole process tree is
+killed, and the other runs go on (medians leave hung runs out; the tables count them). On GPUs
 nvidia-smi samples every GPU's SM clock, power, temperature and clock-limit reasons through each run
 (bench/gpu_sampler.py), printed on the run's line: a machine slowing within a call shows there.
 
@@ -37,6 +40,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -123,11 +127,26 @@ def sample_gil(proc, out, raw, seconds, timeout):
                    check=True, stdout=subprocess.DEVNULL, timeout=seconds + 60)
 
 
+def dump_stacks(pid, path):
+    """Every thread's native and Python stacks in process `pid` and its children (py-spy dump) into
+    `path`: where a hung run's ranks wait (phase 13 of bench/NOTES-gpu.md: a lock in the CUDA
+    driver). Without py-spy on PATH the file says so."""
+    spy = shutil.which("py-spy")
+    if spy is None:
+        path.write_text("py-spy is not on PATH: no stacks (pip install py-spy)\n")
+        return path
+    with open(path, "w") as f:
+        subprocess.run([spy, "dump", "--pid", str(pid), "--subprocesses", "--native"], stdout=f,
+                       stderr=subprocess.STDOUT, timeout=300)
+    return path
+
+
 def run_once(args, shards, label, gpus, flags, env=None, independent=False, gil_raw=None):
     """One setting's run: rate and per-rank figures. independent: `gpus` separate 1-GPU runs at
     once, each on its own GPU and CPUs, no gradient exchange; their rates add up: what the
-    pipeline gives N GPUs when DDP costs nothing (the N-GPU ceiling of the data path)."""
-    runs = []
+    pipeline gives N GPUs when DDP costs nothing (the N-GPU ceiling of the data path).
+    A run past --timeout: {"hung": True, "stacks": file} (dump_stacks), its processes killed."""
+    runs, stacks = [], None
     # the GPUs' clocks, power and limits while this run trains: a machine slowing within a call shows
     with GpuSampler(args.work / "runs" / f"{label}.gpu.csv", enabled=args.device == "cuda") as sampler:
         for i in range(gpus if independent else 1):
@@ -142,18 +161,30 @@ def run_once(args, shards, label, gpus, flags, env=None, independent=False, gil_
             log.parent.mkdir(parents=True, exist_ok=True)
             print("+", " ".join(f"{k}={v}" for k, v in (env or {}).items()), " ".join(map(str, cmd)), flush=True)
             with open(log, "w") as f:
+                # a session of its own: a hung run's ranks and loader workers die with it
                 runs.append((out, log, subprocess.Popen(list(map(str, cmd)), cwd=ROOT, env=run_env, stdout=f,
-                                                        stderr=subprocess.STDOUT)))
+                                                        stderr=subprocess.STDOUT, start_new_session=True)))
         try:
             if gil_raw is not None:
                 sample_gil(runs[0][2], runs[0][0], gil_raw, args.gil_seconds, args.timeout)
+            deadline = time.monotonic() + args.timeout
             for out, log, proc in runs:
-                if proc.wait(timeout=args.timeout) != 0:
-                    raise SystemExit(f"error: {label} exited with {proc.returncode}; see {log}")
+                try:
+                    code = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    stacks = dump_stacks(proc.pid, args.work / "runs" / f"{label}.stacks.txt")
+                    print(f"{label}: HUNG (still running after {args.timeout:.0f} s); stacks in {stacks}",
+                          flush=True)
+                    break
+                if code != 0:
+                    raise SystemExit(f"error: {label} exited with {code}; see {log}")
         finally:
             for _, _, proc in runs:
                 if proc.poll() is None:
-                    proc.kill()
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+    if stacks:
+        return {"hung": True, "stacks": str(stacks), "gpu": sampler.summary}
     measured = [bench_e2e.train_rate(out) for out, _, _ in runs]
     joined = {k: [v for _, _, ranks in measured for v in ranks[k]] for k in measured[0][2]}
     joined["step_alone_ranks"] = [v for out, _, _ in runs for v in
@@ -201,16 +232,25 @@ def gil_summary(raw_text, top=8, groups=16):
 
 def summarize(results, base_gpus, path):
     """Rows per (setting, GPU count): runs, median, ratio to the base setting on base_gpus GPUs,
-    per-rank medians; written to `path` after every run, so a call cut short keeps what it measured."""
-    base_runs = results.get(("base", base_gpus))
-    base = statistics.median(x["rate"] for x in base_runs) if base_runs else float("nan")
+    per-rank medians, hung runs (left out of the figures) and their stacks; written to `path` after
+    every run, so a call cut short keeps what it measured."""
+    def finished(runs):
+        return [x for x in runs or [] if not x.get("hung")]
+
+    def median_rate(runs):
+        return statistics.median(x["rate"] for x in runs) if runs else float("nan")
+
+    base = median_rate(finished(results.get(("base", base_gpus))))
     rows = []
     shares = ("data_share_ranks", "step_host_ranks", "gpu_busy_ranks")
-    for (name, g), runs in results.items():
-        med = statistics.median(x["rate"] for x in runs)
-        per_rank = {k: [round(statistics.median(x[k][i] for x in runs), 2) for i in range(g)] for k in shares}
+    for (name, g), all_runs in results.items():
+        runs = finished(all_runs)
+        med = median_rate(runs)
+        per_rank = {k: [round(statistics.median(x[k][i] for x in runs), 2) if runs else float("nan")
+                        for i in range(g)] for k in shares}
         rows.append({"variant": name, "gpus": g, "runs": [round(x["rate"]) for x in runs], "median": med,
                      "vs_base_1": med / base, **per_rank,
+                     "hung": [x["stacks"] for x in all_runs if x.get("hung")],
                      # each run's own: a slow run shows which rank held the others up, and
                      # whether that rank's step alone was slow too
                      "runs_ranks": [{**{k: [round(v, 2) for v in x[k]] for k in (*shares, "step_alone_ranks")},
@@ -300,8 +340,9 @@ def main(argv=None):
     print(f"{'variant':14s} {'gpus':>4s} {'median':>9s} {'ratio':>6s}  {'runs':24s} per rank: data wait / "
           f"host issuing steps / GPU in steps")
     for row in rows:
+        hung = f"  + {len(row['hung'])} hung" if row["hung"] else ""
         print(f"{row['variant']:14s} {row['gpus']:4d} {row['median']:9,.0f} {row['vs_base_1']:5.2f}x  "
-              f"{str(row['runs']):24s} {rank_shares(row)}")
+              f"{str(row['runs']):24s} {rank_shares(row)}{hung}")
     # A slow multi-GPU run shows here as one rank that hardly waits for data and issues its steps
     # most of the time while the others wait (bench/NOTES-gpu.md phase 10).
     print("\n== each run: images/s, per rank data wait / host issuing steps / GPU in steps"
@@ -312,6 +353,8 @@ def main(argv=None):
             alone = f"  alone: {', '.join(f'{v:,.0f}' for v in x['step_alone_ranks'])}" if x["step_alone_ranks"] else ""
             gpu = f"  {describe(x['gpu'])}" if x.get("gpu") else ""
             print(f"{row['variant']:14s} {row['gpus']:4d} {rate:9,d}  {rank_shares(x)}{alone}{gpu}")
+        for stacks in row["hung"]:
+            print(f"{row['variant']:14s} {row['gpus']:4d}      hung  stacks: {stacks}")
     return 0
 
 

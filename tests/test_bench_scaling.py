@@ -2,7 +2,9 @@
 import argparse
 import json
 import math
+import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -102,3 +104,38 @@ def test_odd_repeats_run_the_settings_in_reverse_order():
     positions = {x: bench_scaling.run_order(settings, 0).index(x) + bench_scaling.run_order(settings, 1).index(x)
                  for x in settings}
     assert len(set(positions.values())) == 1
+
+
+def test_a_hung_run_is_counted_killed_with_its_children_and_the_others_go_on(tmp_path, monkeypatch):
+    child_pid = tmp_path / "child.pid"
+    hang = ("import subprocess, sys, time; "
+            "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+            f"open({str(child_pid)!r}, 'w').write(str(c.pid)); time.sleep(120)")
+    monkeypatch.setattr(bench_scaling, "train_command", lambda *a, **k: [sys.executable, "-c", hang])
+    monkeypatch.setattr(bench_scaling.shutil, "which", lambda name: None)  # no py-spy here
+    args = argparse.Namespace(work=tmp_path, timeout=3.0, device="cpu", cpus_per_gpu=0)
+    run = bench_scaling.run_once(args, tmp_path / "shards", "base-g2-r0", 2, [])
+    assert run["hung"] and Path(run["stacks"]) == tmp_path / "runs/base-g2-r0.stacks.txt"
+    assert "py-spy is not on PATH" in Path(run["stacks"]).read_text()
+    pid = int(child_pid.read_text())
+    for _ in range(50):  # the rank-like child died with its launcher's process group
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"child {pid} of the hung run is still alive")
+
+
+def test_hung_runs_are_left_out_of_the_figures_and_listed(tmp_path):
+    path = tmp_path / "bench_scaling.json"
+    done = {"rate": 100.0, "data_share_ranks": [0.1], "step_host_ranks": [0.5], "gpu_busy_ranks": [0.9],
+            "step_alone_ranks": [], "images_per_s_intervals": [100]}
+    hung = {"hung": True, "stacks": "runs/x.stacks.txt", "gpu": {}}
+    rows = {(r["variant"], r["gpus"]): r for r in bench_scaling.summarize(
+        {("base", 1): [done, hung, {**done, "rate": 300.0}], ("g", 1): [hung]}, 1, path)}
+    base = rows[("base", 1)]
+    assert base["runs"] == [100, 300] and base["median"] == 200.0 and base["hung"] == ["runs/x.stacks.txt"]
+    assert len(base["runs_ranks"]) == 2 and base["vs_base_1"] == 1.0
+    assert rows[("g", 1)]["runs"] == [] and math.isnan(rows[("g", 1)]["median"])
