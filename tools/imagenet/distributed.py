@@ -46,12 +46,9 @@ def step_sms_for(setting, world, total_sms):
     rounded down to the 8 SMs green contexts are cut in, and the whole GPU in a 1-GPU run.
 
     Why: DDP's all-reduce kernels (and the data path's decode kernels) queue behind the backward's
-    kernels when those fill every SM, and the ranks then wait on each other. On two 2 x H200 machines,
-    AlexNet-BN trained at 36.3k, 39.9k and 42.3k img/s with the step on 120 of 132 SMs against 30.7-34.2k
-    and 37.2-41.9k on the whole GPU of the same machines; but 2 of 12 such 2-GPU runs hung, both
-    ranks' training threads waiting on a lock inside the CUDA driver (bench/NOTES-gpu.md phase 13), so
-    it is not the default. On one GPU the difference was within the runs' spread, and a compute-bound
-    model there would only lose the SMs."""
+    kernels when those fill every SM, and the ranks then wait on each other. Experimental: faster
+    on 2 x H200, but some such runs hung inside the CUDA driver (figures: bench/NOTES-gpu.md
+    phase 13). On one GPU it changed nothing, and a compute-bound model would only lose the SMs."""
     if setting != "auto":
         return int(setting)
     if world < 2:
@@ -71,8 +68,7 @@ def work_stream(device, sms=0, world=1):
     beside the step. "auto" falls back to the whole GPU where the driver has no green contexts."""
     if device.type != "cuda":
         return contextlib.nullcontext()
-    total = torch.cuda.get_device_properties(device).multi_processor_count
-    count = step_sms_for(sms, world, total)
+    count = sms and step_sms_for(sms, world, torch.cuda.get_device_properties(device).multi_processor_count)
     if count:
         from tools.imagenet.sm_partition import partitioned_stream
         try:
