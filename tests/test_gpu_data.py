@@ -338,6 +338,55 @@ def test_engine_decoder_matches_nvjpeg_and_falls_back():
     assert all(torch.equal(a, b) for a, b in zip(ref, batch.images()[:6]))
 
 
+def _engine_or_skip():
+    try:
+        return gd.gpu_decoder("engine", "cuda")
+    except RuntimeError as exc:
+        pytest.skip(f"no hardware JPEG decoder: {exc}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_engine_decoder_never_waits_for_other_gpu_work_when_images_grow():
+    """Larger images than any before made nvJPEG reallocate inside the decode call, and cuMemFree
+    waited for all of the GPU's work (a rank's all-reduce included: a 2-GPU run hung there). The
+    decoder sizes its buffers for max_side up front, so a batch of larger images (within
+    max_side) returns while another stream's kernel still runs."""
+    engine = _engine_or_skip()
+    small = gd.pack_jpegs([_encode("jpeg", w=256 + 8 * i, h=256) for i in range(8)])
+    noisy = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noisy).save(buf, "JPEG", quality=95)  # ~100 kB: more bytes than any before
+    large = gd.pack_jpegs([_encode("jpeg", w=engine.max_side - 8 * i, h=engine.max_side - 60) for i in range(7)]
+                          + [buf.getvalue()])
+    engine.decode_packed(small[0], small[1].numpy())
+    torch.cuda.synchronize()
+    side, decode = torch.cuda.Stream(), torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(2_000_000_000)  # about a second
+        slept = torch.cuda.Event()
+        slept.record()
+    with torch.cuda.stream(decode):
+        flat, ok, sizes, _ = engine.decode_packed(large[0], large[1].numpy())
+    still_sleeping = not slept.query()
+    torch.cuda.synchronize()
+    assert still_sleeping and ok.all() and sizes[0].tolist() == [engine.max_side - 60, engine.max_side]
+    assert len(buf.getvalue()) > 50_000
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_engine_decoder_leaves_images_over_max_side_to_the_cpu():
+    """Images wider or taller than the engines' buffers go to the CPU fallback, not dropped."""
+    engine = _engine_or_skip()
+    wide = _encode("jpeg", w=engine.max_side + 8, h=64, color=(10, 200, 30))
+    photos = [_encode("jpeg", w=64 + 8 * i, h=48) for i in range(3)] + [wide]
+    data, offsets = gd.pack_jpegs(photos)
+    _, ok, sizes, _ = engine.decode_packed(data, offsets.numpy())
+    assert ok.tolist() == [True, True, True, False] and sizes[3].tolist() == [0, 0]
+    batch, failures = gd.decode_packed(data, offsets.numpy(), ["a", "b", "c", "wide"], "cuda", engine)
+    assert batch.index.tolist() == [0, 1, 2, 3] and not failures
+    assert torch.equal(batch.images()[3].cpu(), gd._cpu_decode(torch.frombuffer(bytearray(wide), dtype=torch.uint8)))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_engine_decoders_of_two_threads_never_decode_at_once():
     """Two threads' engine decoders take turns in nvjpegDecodeBatched (decoding at once beside a
@@ -389,7 +438,7 @@ def test_engine_decoders_of_two_threads_never_decode_at_once():
         t.start()
     for t in threads:
         t.join()
-    assert calls[0] == 40 and peak[0] == 1
+    assert calls[0] == 42 and peak[0] == 1  # 20 batches each, and each decoder's reserving batch
 
 
 def test_pipeline_drops_and_reports_bad_images_keeping_labels_aligned():

@@ -22,6 +22,7 @@ come back as None (not ok): gpu_data.decode_jpegs / decode_packed decode those o
 """
 import collections
 import ctypes
+import functools
 import os
 import sys
 import threading
@@ -36,6 +37,15 @@ _OUTPUT_RGB = 3
 _STATUS_ARCH_MISMATCH = 8
 _MAX_COMPONENT = 4
 _DECODE_LOCK = threading.Lock()
+# nvJPEG sizes the engines' buffers for the largest image (either side), the largest bitstream and
+# the most images of any batch so far: a batch beyond any of those makes it free and reallocate
+# them inside the decode call, and cuMemFree waits for all of the GPU's work, a rank's NCCL
+# all-reduce included, which waits for the other rank (a 2-GPU run hung there: bench/NOTES-gpu.md
+# phase 14, bench/probe_sync.py). So each decoder sizes them once, on its first batch, for that
+# many images of MAX_SIDE x MAX_SIDE and MAX_BYTES each, and leaves larger images (aspect over 3:1
+# at the prepared 256 short side, or over 256 kB: none of the prepared ImageNet's) to the CPU.
+MAX_SIDE = 768
+MAX_BYTES = 256 * 1024
 _LIB_NAMES = ("libnvjpeg.so.13", "libnvjpeg.so.12", "libnvjpeg.so.11", "libnvjpeg.so")
 
 
@@ -106,15 +116,35 @@ def _declare(lib):
         fn.argtypes, fn.restype = args, ctypes.c_int
 
 
+@functools.lru_cache(maxsize=4)
+def _reserve_jpeg(side, nbytes):
+    """A side x side baseline JPEG of at least nbytes: random pixels in enough rows, flat below."""
+    from torchvision.io import encode_jpeg
+    pixels = torch.full((3, side, side), 128, dtype=torch.uint8)
+    noise = torch.randint(0, 256, (3, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    rows = max(8, nbytes // side // 2)
+    while True:
+        pixels[:, :rows] = noise[:, :rows]
+        blob = encode_jpeg(pixels, quality=95).numpy().tobytes()
+        if len(blob) >= nbytes or rows == side:
+            return blob
+        rows = min(side, 2 * rows)
+
+
 class NvjpegDecoder:
     """list of uint8 1-D CPU tensors -> list of uint8 3 x H x W views on `device` (None where the
     batched hardware decode does not take an image). Raises RuntimeError where libnvjpeg or the
     hardware backend is missing (GPUs without JPEG engines). One per thread: nvJPEG states are not
-    thread-safe. Work goes to the current CUDA stream; nothing waits for it on the host."""
+    thread-safe. Work goes to the current CUDA stream; nothing waits for it on the host.
+    max_side, max_bytes: the engines' buffers are sized on the first batch for images up to
+    max_side on either side and max_bytes long, larger ones are left to the CPU (MAX_SIDE);
+    max_side 0: neither, the buffers grow with the images and each growth waits for the whole GPU
+    (bench/probe_sync.py's baseline)."""
     kind = "engine"
 
-    def __init__(self, device="cuda"):
+    def __init__(self, device="cuda", max_side=MAX_SIDE, max_bytes=MAX_BYTES):
         self.device = torch.device(device)
+        self.max_side, self.max_bytes, self._reserved = max_side, max_bytes, 0
         if self.device.type != "cuda":
             raise RuntimeError("the nvJPEG decoder needs a CUDA device")
         self._lib, self._fast = load_library()
@@ -181,6 +211,11 @@ class NvjpegDecoder:
             frames = np.asarray(frames, dtype=np.int64)
             sizes = np.where(frames[:, 2:3] != 0, frames[:, :2], 0)
         ok = sizes[:, 0] > 0
+        if self.max_side:
+            if self._reserved < n:
+                self.reserve(n)
+            ok &= (sizes.max(1) <= self.max_side) & (lengths <= self.max_bytes)
+            sizes[~ok] = 0
         planes = sizes[:, 0] * sizes[:, 1]
         starts = np.zeros(n, dtype=np.int64)
         starts[1:] = np.cumsum(3 * planes)[:-1]
@@ -224,6 +259,19 @@ class NvjpegDecoder:
         done.record(stream)
         self._in_flight.append((done, staging))
         return flat, ok, sizes, starts
+
+    def reserve(self, count):
+        """Sizes the engines' buffers for `count` images of max_side x max_side and max_bytes (see
+        MAX_SIDE) by decoding such a batch once, and waits for it: no later batch of up to `count`
+        images within those reallocates them (and waits for the whole GPU) in the middle of training."""
+        self._reserved = count
+        blob = _reserve_jpeg(self.max_side, self.max_bytes)
+        self.max_bytes = len(blob)  # what the buffers now take (at least the max_bytes asked for)
+        data = torch.frombuffer(bytearray(blob * count), dtype=torch.uint8)
+        offsets = np.arange(count + 1, dtype=np.int64) * len(blob)
+        frames = np.tile(np.array([[self.max_side, self.max_side, 1]], dtype=np.int64), (count, 1))
+        self.decode_packed(data, offsets, frames)
+        self._in_flight[-1][0].synchronize()
 
     def __call__(self, tensors):
         tensors = [t if t.is_contiguous() else t.contiguous() for t in tensors]
