@@ -20,7 +20,7 @@ on 2 x H200 (bench/NOTES-gpu.md, phase 9). Each run
 ends with every rank timing --step-alone train steps on synthetic batches (tools.train --step-alone),
 printed per run: a slow run whose ranks are slow alone too kept slow kernels (e.g. cuDNN's choice).
 The summary json is rewritten after every run, so a call cut short keeps what it measured. A run
-still going after --timeout seconds is counted as hung: py-spy (where on PATH) writes the native and
+that logs nothing for --timeout seconds is counted as hung: py-spy (where on PATH) writes the native and
 Python stacks of every thread of its processes to runs/<label>.stacks.txt, its whole process tree is
 killed, and the other runs go on (medians leave hung runs out; the tables count them). On GPUs
 nvidia-smi samples every GPU's SM clock, power, temperature and clock-limit reasons through each run
@@ -141,11 +141,27 @@ def dump_stacks(pid, path):
     return path
 
 
+def wait_progressing(proc, log, stall):
+    """proc's exit code once it ends, or None once `log` (its output) has not grown for `stall`
+    seconds: a hung run, told from a slow one that still logs its intervals (phase 14 of
+    bench/NOTES-gpu.md: a run at a third of the usual rate had been counted as hung)."""
+    size, last = -1, time.monotonic()
+    while (code := proc.poll()) is None:
+        now = log.stat().st_size if log.exists() else 0
+        if now != size:
+            size, last = now, time.monotonic()
+        elif time.monotonic() - last > stall:
+            return None
+        time.sleep(0.2)
+    return code
+
+
 def run_once(args, shards, label, gpus, flags, env=None, independent=False, gil_raw=None):
     """One setting's run: rate and per-rank figures. independent: `gpus` separate 1-GPU runs at
     once, each on its own GPU and CPUs, no gradient exchange; their rates add up: what the
     pipeline gives N GPUs when DDP costs nothing (the N-GPU ceiling of the data path).
-    A run past --timeout: {"hung": True, "stacks": file} (dump_stacks), its processes killed."""
+    A run whose log stays still for --timeout seconds: {"hung": True, "stacks": file} (dump_stacks),
+    its processes killed."""
     runs, stacks = [], None
     # the GPUs' clocks, power and limits while this run trains: a machine slowing within a call shows
     with GpuSampler(args.work / "runs" / f"{label}.gpu.csv", enabled=args.device == "cuda") as sampler:
@@ -167,13 +183,11 @@ def run_once(args, shards, label, gpus, flags, env=None, independent=False, gil_
         try:
             if gil_raw is not None:
                 sample_gil(runs[0][2], runs[0][0], gil_raw, args.gil_seconds, args.timeout)
-            deadline = time.monotonic() + args.timeout
             for out, log, proc in runs:
-                try:
-                    code = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
+                code = wait_progressing(proc, log, args.timeout)
+                if code is None:
                     stacks = dump_stacks(proc.pid, args.work / "runs" / f"{label}.stacks.txt")
-                    print(f"{label}: HUNG (still running after {args.timeout:.0f} s); stacks in {stacks}",
+                    print(f"{label}: HUNG (nothing logged for {args.timeout:.0f} s); stacks in {stacks}",
                           flush=True)
                     break
                 if code != 0:
@@ -300,7 +314,7 @@ def main(argv=None):
     p.add_argument("--step-alone", type=int, default=20, help="train steps each rank times on "
                    "synthetic batches after its run (tools.train --step-alone; 0: none): a slow run "
                    "whose ranks are slow alone too kept slow kernels, not slow data")
-    p.add_argument("--timeout", type=float, default=300, help="seconds one run may take")
+    p.add_argument("--timeout", type=float, default=300, help="seconds a run may go without logging a line before it counts as hung")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="cpu: a smoke test on a machine without GPU (gloo processes stand in for GPUs)")
     args = p.parse_args(argv)

@@ -3,6 +3,7 @@ import argparse
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -126,6 +127,21 @@ def test_a_hung_run_is_counted_killed_with_its_children_and_the_others_go_on(tmp
         time.sleep(0.1)
     else:
         pytest.fail(f"child {pid} of the hung run is still alive")
+
+
+def test_a_slow_run_that_still_logs_is_not_hung_a_silent_one_is(tmp_path):
+    log = tmp_path / "run.log"
+    slow = "import time\nfor i in range(8):\n    print(i, flush=True); time.sleep(0.4)"
+    with open(log, "w") as f:  # 3.2 s in all, a line every 0.4 s: longer than the stall allowed
+        proc = subprocess.Popen([sys.executable, "-c", slow], stdout=f)
+    assert bench_scaling.wait_progressing(proc, log, stall=1.5) == 0
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-c", "print('started', flush=True); import time; time.sleep(60)"],
+                                stdout=f)
+    t0 = time.monotonic()
+    assert bench_scaling.wait_progressing(proc, log, stall=1.5) is None and time.monotonic() - t0 < 10
+    proc.kill()
+    proc.wait()
 
 
 def test_hung_runs_are_left_out_of_the_figures_and_listed(tmp_path):
