@@ -144,7 +144,8 @@ class NvjpegDecoder:
 
     def __init__(self, device="cuda", max_side=MAX_SIDE, max_bytes=MAX_BYTES):
         self.device = torch.device(device)
-        self.max_side, self.max_bytes, self._reserved = max_side, max_bytes, 0
+        self.max_side, self.max_bytes = max_side, max_bytes
+        self._reserved, self._fits_bytes = 0, 0  # images and bytes per image the buffers are sized for
         if self.device.type != "cuda":
             raise RuntimeError("the nvJPEG decoder needs a CUDA device")
         self._lib, self._fast = load_library()
@@ -214,7 +215,7 @@ class NvjpegDecoder:
         if self.max_side:
             if self._reserved < n:
                 self.reserve(n)
-            ok &= (sizes.max(1) <= self.max_side) & (lengths <= self.max_bytes)
+            ok &= (sizes.max(1) <= self.max_side) & (lengths <= self._fits_bytes)
             sizes[~ok] = 0
         planes = sizes[:, 0] * sizes[:, 1]
         starts = np.zeros(n, dtype=np.int64)
@@ -264,9 +265,8 @@ class NvjpegDecoder:
         """Sizes the engines' buffers for `count` images of max_side x max_side and max_bytes (see
         MAX_SIDE) by decoding such a batch once, and waits for it: no later batch of up to `count`
         images within those reallocates them (and waits for the whole GPU) in the middle of training."""
-        self._reserved = count
         blob = _reserve_jpeg(self.max_side, self.max_bytes)
-        self.max_bytes = len(blob)  # what the buffers now take (at least the max_bytes asked for)
+        self._reserved, self._fits_bytes = count, len(blob)  # at least max_bytes
         data = torch.frombuffer(bytearray(blob * count), dtype=torch.uint8)
         offsets = np.arange(count + 1, dtype=np.int64) * len(blob)
         frames = np.tile(np.array([[self.max_side, self.max_side, 1]], dtype=np.int64), (count, 1))
