@@ -338,6 +338,56 @@ def test_engine_decoder_matches_nvjpeg_and_falls_back():
     assert all(torch.equal(a, b) for a, b in zip(ref, batch.images()[:6]))
 
 
+def test_engine_decoder_reserves_once_per_batch_size_and_leaves_the_rest_to_the_cpu(monkeypatch):
+    """The reservation logic without a GPU: libnvjpeg and the CUDA calls stubbed, the calls counted."""
+    import collections
+    import types
+    from tools.imagenet import nvjpeg
+    calls = []
+
+    class Lib:  # every nvJPEG function succeeds and is recorded
+        def __getattr__(self, name):
+            return lambda *args: calls.append(name) or 0
+
+    class Event:
+        def record(self, stream=None):
+            pass
+
+        def synchronize(self):
+            calls.append("wait")
+
+        def query(self):
+            return True
+
+    empty = torch.empty
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, device=None, **k: empty(*a, **k))
+    decoder = object.__new__(nvjpeg.NvjpegDecoder)
+    decoder.device, decoder.max_side, decoder.max_bytes = torch.device("cpu"), 768, 256 * 1024
+    decoder._reserved, decoder._fits_bytes, decoder._batch = 0, 0, None
+    decoder._lib = decoder._fast = Lib()
+    decoder._handle = decoder._state = decoder._stream = None
+    decoder.seconds, decoder._in_flight = collections.Counter(), collections.deque()
+    frames = np.array([[256, 300, 1], [256, 769, 1], [300, 256, 1], [256, 256, 0]])
+    _, ok, sizes, _ = decoder.decode_packed(torch.zeros(3000, dtype=torch.uint8), np.array([0, 800, 1600, 2400, 3000]),
+                                            frames)
+    # first the reserving batch (4 JPEGs of 768 x 768, >= 256 kB), waited for; then the batch itself
+    assert calls == ["nvjpegDecodeBatchedInitialize", "nvjpegDecodeBatched", "wait",
+                     "nvjpegDecodeBatchedInitialize", "nvjpegDecodeBatched"]
+    assert ok.tolist() == [True, False, True, False] and sizes[1].tolist() == [0, 0]
+    assert decoder._reserved == 4 and decoder._fits_bytes >= 256 * 1024
+    calls.clear()
+    big = decoder._fits_bytes + 1  # a bitstream longer than the buffers were sized for: the CPU's
+    _, ok, _, _ = decoder.decode_packed(torch.zeros(2000 + big, dtype=torch.uint8),
+                                        np.array([0, 1000, 1000 + big, 2000 + big]), frames[[0, 0, 2]])
+    assert ok.tolist() == [True, False, True] and "wait" not in calls
+    calls.clear()
+    decoder.decode_packed(torch.zeros(5000, dtype=torch.uint8), np.arange(6) * 1000, frames[[0, 0, 0, 2, 2]])
+    assert calls[:3] == ["nvjpegDecodeBatchedInitialize", "nvjpegDecodeBatched", "wait"]  # 5 > 4: again
+    assert decoder._reserved == 5
+
+
 def _engine_or_skip():
     try:
         return gd.gpu_decoder("engine", "cuda")
