@@ -220,19 +220,13 @@ def float_to_gpu(x, y):
 
 
 def make_step(arch, compile_model, num_classes=1000):
+    """tools.train's step (fused SGD, bf16 autocast) on a channels_last model, compiled or not."""
     from tools.imagenet.models import build_model
+    from tools.imagenet.step import eager_step, sgd
     model = build_model(arch, num_classes).cuda().to(memory_format=torch.channels_last).train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    crit = torch.nn.CrossEntropyLoss()
+    opt = sgd(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, kernel="fused")
     fwd = torch.compile(model) if compile_model else model
-
-    def step(x, y):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = crit(fwd(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return step
+    return eager_step(fwd, opt, torch.bfloat16, torch.device("cuda"))
 
 
 def no_step(x, y):
