@@ -841,6 +841,73 @@ def test_threaded_pipeline_runs_ahead_only_prefetch_batches():
     assert [int(y) for _, y in it] == list(range(1, 30))
 
 
+def test_pipelines_sharing_a_pool_make_each_decoder_once_and_lend_it_to_one_thread_at_a_time():
+    """tools.train's epochs: every epoch's (and validation's) decode threads take their decoders
+    from the run's DecoderPool and give them back, instead of making (and on a GPU, reserving and
+    freeing) new ones each epoch."""
+    import threading
+    import time
+    made, in_use, lock = [], set(), threading.Lock()
+
+    class Decoder:  # torchvision's decode, with the threads that use it at once recorded
+        kind = "fake"
+
+        def __init__(self):
+            self.decode, self.uses = gd.torchvision_gpu_decoder("cpu"), 0
+
+        def __call__(self, tensors):
+            with lock:
+                assert self not in in_use, "one decoder used by two threads at once"
+                in_use.add(self)
+            time.sleep(0.002)
+            try:
+                self.uses += 1
+                return self.decode(tensors)
+            finally:
+                with lock:
+                    in_use.discard(self)
+
+    pool = gd.DecoderPool(make=lambda kind, device: made.append(Decoder()) or made[-1])
+    raws = [{"jpegs": [_encode("jpeg", w=40 + i, h=30)], "labels": [i]} for i in range(9)]
+    reference = list(gd.GpuBatchPipeline(raws, gd.GpuAugment(16, mode="center"), device="cpu", threads=2))
+    for epoch in range(3):
+        for threads in (2, 0):  # the epoch's train pipeline, then its validation's
+            pipe = gd.GpuBatchPipeline(raws, gd.GpuAugment(16, mode="center"), device="cpu", threads=threads,
+                                       decoder="fake", pool=pool)
+            out = list(pipe)
+            assert [int(y) for _, y in out] == list(range(9))
+            assert all(torch.equal(x, r) for (x, _), (r, _) in zip(out, reference))
+            assert len(pool) == len(made)  # every decoder back once the iteration has ended
+    assert len(made) <= 2 and sum(d.uses for d in made) == 6 * 9
+    # a consumer that stops early gives the decoders back too
+    for threads in (2, 0):
+        it = iter(gd.GpuBatchPipeline(raws, gd.GpuAugment(16, mode="center"), device="cpu", threads=threads,
+                                      decoder="fake", pool=pool))
+        next(it)
+        it.close()
+        assert len(pool) == len(made) <= 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_engine_decoders_reserve_once_per_run_with_a_pool(monkeypatch):
+    from tools.imagenet import nvjpeg
+    _engine_or_skip()
+    reserved = []
+    original = nvjpeg.NvjpegDecoder.reserve
+    monkeypatch.setattr(nvjpeg.NvjpegDecoder, "reserve", lambda self, n: reserved.append(n) or original(self, n))
+    blobs = [_encode("jpeg", w=256 + 8 * i, h=256) for i in range(16)]
+    raws = []
+    for b in range(6):
+        data, offsets = gd.pack_jpegs(blobs)
+        raws.append({"data": data, "offsets": offsets, "labels": torch.arange(16) + b})
+    pool = gd.DecoderPool()
+    for epoch in range(3):
+        pipe = gd.GpuBatchPipeline(raws, gd.GpuAugment(224, mode="crop", seed=epoch), device="cuda",
+                                   threads=2, decoder="engine", pool=pool)
+        assert len([x for x, _ in pipe]) == 6
+    assert 1 <= len(reserved) <= 2 and len(pool) == len(reserved)  # not 2 per epoch
+
+
 def test_train_hands_gpu_prefetch_to_the_pipeline(tmp_path, monkeypatch):
     info = write_shards(tmp_path / "shards", train_counts=[10, 7], val_counts=[5, 4])
     made = []

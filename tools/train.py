@@ -509,13 +509,20 @@ def train(args, rank, world, device, stop):
                                                          "versions": versions(world, device)})
 
     bad_log = gpu_data.failure_log(out / "bad_samples.tsv", rank=rank)
-    # made once here so that a missing hardware decoder fails now, not in a loader thread
-    decoder = gpu_data.gpu_decoder(args.gpu_decoder, device).kind if decode == "gpu" else None
+    # the decode threads of every epoch (and of validation) share the run's GPU decoders; the first
+    # is made here so that a missing hardware decoder fails now, not in a loader thread
+    decoder, decoders = None, None
+    if decode == "gpu":
+        first = gpu_data.gpu_decoder(args.gpu_decoder, device)
+        decoder = first.kind
+        if device.type == "cuda":  # (on a CPU the pipeline decodes without a decoder object)
+            decoders = gpu_data.DecoderPool()
+            decoders.give(decoder, device, first)
     val = val_loader(args.shards, args.val_batch_size or local_batch, rank, world, args.workers,
                      args.crop_size, decode=decode)
     if decode == "gpu":
         val = gpu_data.val_pipeline(val, device, args.crop_size, mean, std, on_failure=bad_log,
-                                    decoder=decoder)
+                                    decoder=decoder, pool=decoders)
     n = batches_per_epoch(manifest["num_samples"], args.batch_size, args.epoch_size)
     if rank == 0:
         print(f"{args.arch}: {world} rank(s) on {device.type} ({args.parallel}), global batch "
@@ -541,7 +548,7 @@ def train(args, rank, world, device, stop):
                                       channels_last=args.channels_last)
             loader = gpu_data.GpuBatchPipeline(loader, aug, device, threads=args.decode_threads,
                                                prefetch=args.gpu_prefetch,
-                                               on_failure=bad_log, decoder=decoder)
+                                               on_failure=bad_log, decoder=decoder, pool=decoders)
         # the window skips the warm-up (cuDNN autotuning) where the epoch is long enough
         profiler = StepProfiler(out, rank, args.profile_steps if epoch == start else 0,
                                 skip=min(30, n // 3), gpu_only=args.profile_gpu_only)

@@ -261,6 +261,39 @@ def gpu_decoder(kind, device):
     return torchvision_gpu_decoder(device)
 
 
+class DecoderPool:
+    """Decoders kept across pipelines, by kind and device: each epoch's decode threads take one and
+    give it back when they end, so a run makes its nvJPEG states (and sizes the engines' buffers,
+    tools.imagenet.nvjpeg.NvjpegDecoder.reserve) once, not every epoch, and frees none mid-run
+    (freeing GPU memory waits for all of the GPU's work). A decoder serves one thread at a time.
+
+        decoders = DecoderPool()             # once per run
+        for epoch ...: GpuBatchPipeline(loader, aug, "cuda", decoder="engine", pool=decoders)
+
+    make(kind, device): how a missing decoder is made (gpu_decoder)."""
+
+    def __init__(self, make=None):
+        self.make = make or gpu_decoder
+        self._idle, self._lock = {}, threading.Lock()
+
+    def take(self, kind, device):
+        key = (kind, str(device))
+        with self._lock:
+            idle = self._idle.get(key)
+            if idle:
+                return idle.pop()
+        return self.make(kind, device)
+
+    def give(self, kind, device, decoder):
+        """Back to the pool; the caller has waited for the work it queued with it."""
+        with self._lock:
+            self._idle.setdefault((kind, str(device)), []).append(decoder)
+
+    def __len__(self):
+        with self._lock:
+            return sum(map(len, self._idle.values()))
+
+
 def _cpu_decode(blob):
     """libjpeg-turbo through torchvision, then PIL by content; raises if neither can."""
     try:
@@ -809,13 +842,15 @@ class GpuBatchPipeline:
     decoder: a name for gpu_decoder ("nvjpeg", "hardware", "engine"; each thread makes its own,
     as the hardware engines take several decoders at once) or one decoder shared by all threads
     (a callable on a list of images, or an object with decode_packed).
+    pool: a DecoderPool the threads take their decoders from and give them back to when the
+    iteration ends (tools.train: one per run); None: each thread makes its own and drops it.
     priority: of the decode streams (-1: high, 0: normal). stall_timeout: seconds without a batch
     from the threads after which the consumer raises, with every thread's stack on stderr (a
     decoder stuck in a library call must not hang a training run silently)."""
 
     def __init__(self, batches, augment, device="cuda", prefetch=3, threads=1, decoder="auto",
-                 on_failure=None, priority=0, stall_timeout=600.0):
-        self.batches, self.augment = batches, augment
+                 on_failure=None, priority=0, stall_timeout=600.0, pool=None):
+        self.batches, self.augment, self.pool = batches, augment, pool
         self.device = torch.device(device)
         self.prefetch, self.threads, self.decoder = max(1, prefetch), max(0, threads), decoder
         self.priority, self.stall_timeout = priority, stall_timeout
@@ -848,12 +883,34 @@ class GpuBatchPipeline:
         """This thread's decoder (made on first use; None: decode_jpegs' default)."""
         if not isinstance(self.decoder, str):  # None, or one decoder object shared by all threads
             return self.decoder
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" and self.pool is None:
             return None
         if getattr(self._local, "decoder", None) is None:
-            self._local.decoder = gpu_decoder(self.decoder, self.device)
+            self._local.decoder = (self.pool.take(self.decoder, self.device) if self.pool is not None
+                                   else gpu_decoder(self.decoder, self.device))
             self.decoder_kind = self._local.decoder.kind
         return self._local.decoder
+
+    @contextlib.contextmanager
+    def _lending(self, stream):
+        """Around a thread's decoding: its decoder goes back to the pool when the block ends or its
+        consumer stops early, once `stream` (where it queued work) is done; after an error it is
+        dropped, its state unknown."""
+        try:
+            yield
+        except GeneratorExit:
+            self._give_back(stream)
+            raise
+        self._give_back(stream)
+
+    def _give_back(self, stream):
+        decoder = getattr(self._local, "decoder", None)
+        if self.pool is None or decoder is None:
+            return
+        if stream is not None:
+            stream.synchronize()
+        self._local.decoder = None
+        self.pool.give(self.decoder, self.device, decoder)
 
     def process(self, raw, index=None):
         """One raw batch -> (x, y) on the device, in the current stream."""
@@ -903,9 +960,10 @@ class GpuBatchPipeline:
         else:
             it = iter(self.batches)
             index = 0
-            while (raw := self._fetch(it)) is not _DONE:
-                yield self.process(raw, index)
-                index += 1
+            with self._lending(None):
+                while (raw := self._fetch(it)) is not _DONE:
+                    yield self.process(raw, index)
+                    index += 1
 
     def _stream(self):
         if self.device.type != "cuda":
@@ -936,13 +994,14 @@ class GpuBatchPipeline:
         # range first: zip stops on it without pulling (and losing) one more raw batch
         pending = [self._submit(stream, raw, i) for i, raw in zip(range(self.prefetch), it)]
         index = len(pending)
-        while pending:
-            x, y, event = pending.pop(0)
-            nxt = self._fetch(it)
-            if nxt is not _DONE:
-                pending.append(self._submit(stream, nxt, index))
-                index += 1
-            yield self._hand_over(x, y, event)
+        with self._lending(stream):
+            while pending:
+                x, y, event = pending.pop(0)
+                nxt = self._fetch(it)
+                if nxt is not _DONE:
+                    pending.append(self._submit(stream, nxt, index))
+                    index += 1
+                yield self._hand_over(x, y, event)
 
     def _threaded(self):
         todo = queue.Queue(maxsize=self.prefetch + self.threads)
@@ -979,7 +1038,8 @@ class GpuBatchPipeline:
         def decode():
             stream = self._stream()
             try:
-                with torch.cuda.device(self.device) if stream is not None else contextlib.nullcontext():
+                with torch.cuda.device(self.device) if stream is not None else contextlib.nullcontext(), \
+                        self._lending(stream):
                     while not stop.is_set():
                         # the slot first, then the batch: slots then belong to the batches right
                         # after the consumer's, never to later ones while an earlier one waits
@@ -1050,12 +1110,14 @@ class GpuBatchPipeline:
 
 # ---------------------------------------------------------------------------------------- helpers
 
-def val_pipeline(loader, device, crop_size, mean, std, on_failure=None, threads=1, decoder="auto"):
+def val_pipeline(loader, device, crop_size, mean, std, on_failure=None, threads=1, decoder="auto",
+                 pool=None):
     """Center crops of a decode="gpu" val loader as normalised float32 NCHW on `device`: the same
     input the CPU path gives the model (tools.imagenet.evaluation.evaluate takes either)."""
     aug = GpuAugment(crop_size, mode="center", mean=mean, std=std, dtype=torch.float32,
                      channels_last=False)
-    return GpuBatchPipeline(loader, aug, device, threads=threads, on_failure=on_failure, decoder=decoder)
+    return GpuBatchPipeline(loader, aug, device, threads=threads, on_failure=on_failure, decoder=decoder,
+                            pool=pool)
 
 
 def failure_log(path, **context):
