@@ -14,11 +14,18 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 MINI = dict(num_classes=6, train_per_class=24, val_per_class=6, seed=0)
 
 
+def project_env(root=ROOT, **extra):
+    """The environment of a subprocess that runs the project at `root`: its folder first on
+    PYTHONPATH, then what this process's PYTHONPATH held (the GPU machine's packages live there)."""
+    paths = [str(root)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), **extra}
+
+
 def run_tool(module, *args, check=True, env=None, **kwargs):
     """Run `python -m tools.<module> args...` as a user would; return the CompletedProcess."""
     cmd = [sys.executable, "-m", f"tools.{module}", *map(str, args)]
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, **kwargs)
+    proc = subprocess.run(cmd, cwd=ROOT, env=project_env(**(env or {})), capture_output=True, text=True,
+                          **kwargs)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

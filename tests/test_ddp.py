@@ -1,6 +1,5 @@
 """tools/train.py under torchrun with gloo on the CPU: 2 ranks on one node, and 2 simulated nodes."""
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -9,6 +8,7 @@ from pathlib import Path
 import torch
 
 from tests._shards import write_shards
+from tests.conftest import project_env
 from tools.imagenet import checkpoint as ckpt
 from tools.imagenet.loader import val_loader
 from tools.imagenet.models import build_model
@@ -19,7 +19,7 @@ ARCH = "mobilenet_v3_small"
 
 
 def _env():
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return project_env(OMP_NUM_THREADS="1")
 
 
 def _train_args(shards, out, *extra):

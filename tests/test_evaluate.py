@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.conftest import ROOT, run_tool
+from tests.conftest import ROOT, project_env, run_tool
 from tools import evaluate as E
 from tools.imagenet import preprocess as pp
 from tools.imagenet.classes import class_name
@@ -157,7 +157,7 @@ def test_one_and_two_processes_agree(prepared, tmp_path, capsys):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "tools.evaluate", "--run-dir", str(run), "--shards", str(shards), "--workers", "0",
            "--batch-size", "4", "--device", "cpu", "--output", str(out2)]
-    p = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    p = subprocess.run(cmd, cwd=ROOT, env=project_env(), capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
     two = json.loads(out2.read_text())
 

@@ -4,7 +4,6 @@ exact pixels for the seed's crop, flips, normalisation, the decode fallbacks, th
 the loader, training and evaluation (its code run on the CPU): same eval top-1 as the CPU path."""
 import io
 import json
-import os
 import subprocess
 import sys
 
@@ -16,7 +15,7 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 from tests._shards import corrupt_sample, write_shards
-from tests.conftest import ROOT
+from tests.conftest import project_env
 from tests.test_evaluate import trained_run
 from tools import evaluate as E
 from tools import train
@@ -686,7 +685,7 @@ print("ok")
 def test_triton_crop_kernel_matches_torch_version():
     pytest.importorskip("triton")
     # the real kernel on a GPU; Triton's interpreter (numpy) on the CPU
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = project_env()
     if not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True,

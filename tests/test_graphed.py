@@ -1,6 +1,5 @@
 """tools/imagenet/graphed.py: the static-buffer step (padding, weighted loss, re-capture on an LR
 change) against the eager step; the capture itself and DDP capture on GPUs."""
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from tests._shards import write_shards
+from tests.conftest import project_env
 from tools.imagenet.graphed import WARMUP, GraphedStep
 from tools.imagenet.step import SGD_KERNELS, sgd
 from tools.train import eager_step, parse_args
@@ -104,8 +104,7 @@ def test_ddp_training_with_cuda_graphs_on_two_gpus(tmp_path):
            "-m", "tools.train", "--shards", str(info["dir"]), "--out", str(out), "--arch", "alexnetowtbn",
            "--crop-size", "64", "--batch-size", "16", "--epochs", "2", "--workers", "2", "--log-every", "2",
            "--amp", "bf16", "--channels-last", "--cuda-graphs"]
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": path}, capture_output=True,
+    proc = subprocess.run(cmd, cwd=ROOT, env=project_env(), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert (out / "final.json").is_file() and (out / "model_002.pt").is_file()

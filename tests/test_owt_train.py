@@ -2,7 +2,6 @@
 evaluates to the numbers the run logged, and runs resume across modes (owt -> ddp -> owt) from the
 plain layout."""
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from tests._shards import write_shards
+from tests.conftest import project_env
 from tools import evaluate, train
 from tools.imagenet import checkpoint as ckpt
 from tools.imagenet.models import build_model
@@ -36,7 +36,7 @@ def _torchrun(shards, out, parallel, epochs, *extra):
            "--epoch-size", "2", "--val-batch-size", "3", "--schedule", "step", "--lr", "0.01",
            "--lr-scaling", "none", "--lr-step-epochs", "1", "--lr-gamma", "0",
            "--parallel", parallel, "--epochs", str(epochs), *extra]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = project_env(OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     return proc.stdout

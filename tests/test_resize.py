@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import ROOT, run_tool
+from tests.conftest import ROOT, project_env, run_tool
 from tools.imagenet import image
 from tools.resize import resize_image, target_size
 
@@ -163,7 +163,7 @@ def test_sigterm_removes_the_temporary_output(tmp_path):
     os.mkfifo(src / "b.JPEG")  # opening it blocks: the run is certainly in progress when the signal comes
     cmd = [sys.executable, "-m", "tools.resize", "--src", str(tmp_path / "src"), "--dst", str(tmp_path / "dst"),
            "--workers", "2", "--rejected", str(tmp_path / "rejected.tsv")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=project_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 60

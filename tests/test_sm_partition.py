@@ -1,7 +1,6 @@
 """tools/imagenet/sm_partition.py and tools.train --step-sms: the training step on a CUDA green
 context (part of the SMs), eager and captured as a CUDA graph, trains as on the whole GPU."""
 import contextlib
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ import torch
 
 from tests._shards import write_shards
 from tests.test_graphed import _batches, _close, _train
+from tests.conftest import project_env
 from tools.imagenet.distributed import step_sms_for, work_stream
 from tools.imagenet.graphed import WARMUP
 from tools.train import parse_args
@@ -68,8 +68,7 @@ def test_train_with_step_sms_and_cuda_graphs(tmp_path):
            "--arch", "alexnetowtbn", "--crop-size", "64", "--batch-size", "8", "--epochs", "1",
            "--workers", "2", "--log-every", "5", "--amp", "bf16", "--channels-last", "--decode", "gpu",
            "--cuda-graphs", "--step-sms", "64"]
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": path}, capture_output=True,
+    proc = subprocess.run(cmd, cwd=ROOT, env=project_env(), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "work stream: " in proc.stdout and (out / "final.json").is_file()

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tests.conftest import project_env
 
 ROOT = Path(__file__).resolve().parent.parent
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -34,7 +35,7 @@ def snakemake(project, *args, config=(), check=True, **kwargs):
     if config:
         cmd += ["--config", *config]
     proc = subprocess.run(cmd, cwd=project, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(project)}, **kwargs)
+                          env=project_env(project), **kwargs)
     proc.output = proc.stdout + proc.stderr  # snakemake logs errors to either, depending on the terminal
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.output[-8000:]}")
@@ -101,7 +102,7 @@ def test_killed_stage_reruns_to_complete_correct_outputs(project, tmp_path_facto
     snakemake(project, "extract", config=MINI_ARGS)
     proc = subprocess.Popen([*SNAKEMAKE, "--cores", "2", "prepare", "--config", *MINI_ARGS],
                             cwd=project, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(project)})
+                            stderr=subprocess.DEVNULL, env=project_env(project))
     # Kill the whole process group (snakemake and the tool) as soon as resize has started writing.
     deadline = time.time() + 120
     while time.time() < deadline and not any(project.glob("work/.resized*")):
