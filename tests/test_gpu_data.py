@@ -886,6 +886,27 @@ def test_pipelines_sharing_a_pool_make_each_decoder_once_and_lend_it_to_one_thre
         it.close()
         assert len(pool) == len(made) <= 2
 
+    class FailingOnce(gd.GpuAugment):
+        failed = False
+
+        def __call__(self, images, index=None):
+            if index == 3 and not self.failed:
+                self.failed = True
+                raise RuntimeError("augment failed")
+            return super().__call__(images, index)
+
+    # after an error the decoder in use is dropped (its state unknown), the others go back; the
+    # same pipeline iterated again takes a decoder from the pool, not the dropped one
+    for threads in (0, 2):
+        idle, count = len(pool), len(made)
+        pipe = gd.GpuBatchPipeline(raws, FailingOnce(16, mode="center"), device="cpu", threads=threads,
+                                   decoder="fake", pool=pool)
+        with pytest.raises(RuntimeError, match="augment failed"):
+            list(pipe)
+        assert len(pool) == idle + (len(made) - count) - 1
+        idle, count = len(pool), len(made)
+        assert len(list(pipe)) == 9 and len(pool) == idle + (len(made) - count)
+
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_engine_decoders_reserve_once_per_run_with_a_pool(monkeypatch):

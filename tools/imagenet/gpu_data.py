@@ -880,7 +880,8 @@ class GpuBatchPipeline:
                 self.on_failure(key, reason)
 
     def thread_decoder(self):
-        """This thread's decoder (made on first use; None: decode_jpegs' default)."""
+        """This thread's decoder (taken from the pool or made on first use; None: decode_jpegs'
+        default)."""
         if not isinstance(self.decoder, str):  # None, or one decoder object shared by all threads
             return self.decoder
         if self.device.type != "cuda" and self.pool is None:
@@ -900,6 +901,9 @@ class GpuBatchPipeline:
             yield
         except GeneratorExit:
             self._give_back(stream)
+            raise
+        except BaseException:
+            self._local.decoder = None
             raise
         self._give_back(stream)
 
@@ -991,10 +995,10 @@ class GpuBatchPipeline:
 
     def _inline(self, stream):
         it = iter(self.batches)
-        # range first: zip stops on it without pulling (and losing) one more raw batch
-        pending = [self._submit(stream, raw, i) for i, raw in zip(range(self.prefetch), it)]
-        index = len(pending)
         with self._lending(stream):
+            # range first: zip stops on it without pulling (and losing) one more raw batch
+            pending = [self._submit(stream, raw, i) for i, raw in zip(range(self.prefetch), it)]
+            index = len(pending)
             while pending:
                 x, y, event = pending.pop(0)
                 nxt = self._fetch(it)
