@@ -36,7 +36,7 @@ def workflow_config(args):
         "val_labels": str(args.work / "raw/val_labels.csv"),
         "mini": {"classes": args.classes, "train_per_class": args.train_per_class,
                  "val_per_class": args.val_per_class, "quirks": True, "seed": 0,
-                 "min_side": 256, "max_side": 500},
+                 "min_side": 256, "max_side": 500, "noise": args.noise},
         "resize": {"short_side": 256, "quality": 90, "max_rejected_fraction": 0.05},
         "shard": {"train_shard_size": args.shard_size, "val_shard_size": args.shard_size, "seed": 0},
         "train": {"gpus": args.gpus, "device": args.device, "workers": args.workers_per_gpu,
@@ -77,6 +77,8 @@ def main(argv=None):
     p.add_argument("--train-per-class", type=int, default=160, help="generated train images per class")
     p.add_argument("--val-per-class", type=int, default=50, help="generated val images per class")
     p.add_argument("--shard-size", type=int, default=100, help="images per shard")
+    p.add_argument("--noise", type=float, default=8.0, help="generated images' pixel noise (tools.make_mini "
+                   "--noise: 8 gives ~23 KiB JPEGs at 256 px, 16 ~31 KiB)")
     p.add_argument("--epochs", type=int, default=3, help="training epochs per model")
     p.add_argument("--batch-per-gpu", type=int, default=256, help="batch per GPU")
     p.add_argument("--workers-per-gpu", type=int, default=None,

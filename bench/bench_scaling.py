@@ -73,8 +73,8 @@ def prepare(args):
     if args.shards:
         return args.shards
     cfg = argparse.Namespace(work=args.work, classes=args.classes, train_per_class=args.train_per_class,
-                             val_per_class=args.val_per_class, shard_size=args.shard_size, gpus=1,
-                             device=args.device, workers_per_gpu=args.workers_per_gpu,
+                             val_per_class=args.val_per_class, shard_size=args.shard_size, noise=args.noise,
+                             gpus=1, device=args.device, workers_per_gpu=args.workers_per_gpu,
                              batch_per_gpu=args.batch_per_gpu, epochs=args.epochs, decode="auto",
                              cpu_fraction=0.0, gpu_decoder="auto", decode_threads=2)
     config_path = args.work / "bench.yaml"
@@ -288,6 +288,9 @@ def main(argv=None):
     p.add_argument("--train-per-class", type=int, default=500, help="generated train images per class")
     p.add_argument("--val-per-class", type=int, default=20, help="generated val images per class")
     p.add_argument("--shard-size", type=int, default=250, help="images per shard")
+    p.add_argument("--noise", type=float, default=8.0, help="generated images' pixel noise (tools.make_mini "
+                   "--noise: 8 gives ~23 KiB JPEGs at 256 px, the phases' data so far; 16 ~31 KiB, like "
+                   "bench_loader's photo-like scenes)")
     p.add_argument("--gpus", default="1,2", help="GPU counts to compare, the first is the baseline")
     p.add_argument("--variant", action="append", type=parse_variant, default=[],
                    help="NAME:[VAR=value ...] FLAGS: extra tools.train flags (and environment "

@@ -138,3 +138,26 @@ def test_cli(tmp_path):
         "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "val_labels.csv"]
     proc = run_tool("make_mini", "--out", tmp_path, "--classes", 0, check=False)
     assert proc.returncode == 2 and "--classes" in proc.stderr
+
+
+def _train_jpeg_bytes(info):
+    total = 0
+    for _, data in read_tar(info["train_tar"]):
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            total += sum(m.size for m in tar.getmembers())
+    return total
+
+
+def test_noise_sets_the_jpeg_sizes_and_the_default_keeps_the_output(tmp_path):
+    """--noise: the benchmarks' knob for JPEGs as large as ImageNet's (the same images otherwise)."""
+    args = dict(num_classes=2, train_per_class=6, val_per_class=1, seed=3, min_side=256, max_side=400)
+    default = generate(tmp_path / "default", **args)
+    assert generate(tmp_path / "eight", noise=8, **args)["train_tar"].read_bytes() == \
+        default["train_tar"].read_bytes()
+    noisy = generate(tmp_path / "noisy", noise=16, **args)
+    assert _train_jpeg_bytes(noisy) > 1.2 * _train_jpeg_bytes(default)
+    run_tool("make_mini", "--out", tmp_path / "cli", "--classes", 2, "--train-per-class", 6, "--val-per-class", 1,
+             "--seed", 3, "--min-side", 256, "--max-side", 400, "--noise", 16, "--workers", 1)
+    assert (tmp_path / "cli/ILSVRC2012_img_train.tar").read_bytes() == noisy["train_tar"].read_bytes()
+    proc = run_tool("make_mini", "--out", tmp_path / "bad", "--noise", -1, check=False)
+    assert proc.returncode == 2 and "--noise" in proc.stderr

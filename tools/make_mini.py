@@ -44,6 +44,7 @@ VAL_TAR = "ILSVRC2012_img_val.tar"
 LABELS_CSV = "val_labels.csv"
 # 2012-06-01: any fixed value works; a fixed one makes the tars byte-identical across runs.
 TAR_MTIME = 1338508800
+NOISE = 8.0  # per-pixel noise of the drawn images (standard deviation, 0-255 scale)
 SHAPES = ("disc", "square", "triangle", "ring", "cross", "diamond", "frame", "half_disc")
 NOT_AN_IMAGE = (b"<html><head><title>Photo unavailable</title></head>\n"
                 b"<body>This photo is no longer available.</body></html>\n")
@@ -108,8 +109,9 @@ def shape_mask(shape, u, v):
     raise ValueError(shape)
 
 
-def draw(rng, spec, height, width):
-    """One HxWx3 uint8 sample of a class: striped background, jittered shape, noise."""
+def draw(rng, spec, height, width, noise=NOISE):
+    """One HxWx3 uint8 sample of a class: striped background, jittered shape, per-pixel noise of
+    standard deviation `noise` (what sets the JPEGs' size: see --noise)."""
     short = min(height, width)
     yy = np.arange(height, dtype=np.float32)[:, None]
     xx = np.arange(width, dtype=np.float32)[None, :]
@@ -129,7 +131,7 @@ def draw(rng, spec, height, width):
     mask = shape_mask(spec["shape"], dx * cos + dy * sin, dy * cos - dx * sin)
     fg = np.clip(spec["fg"] * rng.uniform(0.8, 1.1) + rng.uniform(-15, 15, 3), 0, 255)
     img[mask] = fg
-    img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(8)
+    img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(noise)
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
@@ -171,15 +173,16 @@ def encode(rng, pixels, kind):
 
 
 def render(job):
-    """Bytes of one sample; job = (seed, split, class, index, kind, class spec, min side, max side)."""
-    seed, split, k, j, kind, spec, min_side, max_side = job
+    """Bytes of one sample; job = (seed, split, class, index, kind, class spec, min side, max side,
+    noise)."""
+    seed, split, k, j, kind, spec, min_side, max_side, noise = job
     rng = np.random.default_rng([seed, split, k, j])
     h, w = random_size(rng, min_side, max_side)
     if kind == "exif" and h == w:
         w += 40  # a non-square image shows whether the rotation was applied
     if kind == "large":
         h, w = 300, 400
-    return encode(rng, draw(rng, spec, h, w), kind)
+    return encode(rng, draw(rng, spec, h, w, noise), kind)
 
 
 def _tarinfo(name, size):
@@ -202,7 +205,7 @@ def tar_bytes(members):
 
 
 def generate(out_dir, num_classes=10, train_per_class=40, val_per_class=10, quirks=False, seed=0,
-             min_side=80, max_side=400, workers=1) -> dict:
+             min_side=80, max_side=400, workers=1, noise=NOISE) -> dict:
     """Write the mini archives and labels into out_dir; return where everything is (see module doc)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -210,6 +213,8 @@ def generate(out_dir, num_classes=10, train_per_class=40, val_per_class=10, quir
         raise ValueError("--train-per-class and --val-per-class must be at least 1")
     if not 16 <= min_side <= max_side:
         raise ValueError("need 16 <= --min-side <= --max-side")
+    if not 0 <= noise <= 64:
+        raise ValueError("need 0 <= --noise <= 64")
     if quirks and (num_classes * train_per_class < len(TRAIN_QUIRKS)
                    or num_classes * val_per_class < len(VAL_QUIRKS)):
         raise ValueError(f"--quirks needs at least {len(TRAIN_QUIRKS)} train and {len(VAL_QUIRKS)} val samples")
@@ -232,7 +237,7 @@ def generate(out_dir, num_classes=10, train_per_class=40, val_per_class=10, quir
             qname, kind = train_slots.get((k, j), (None, "jpeg"))
             if qname:
                 found[qname] = f"train/{wnid}/{wnid}_{number}.JPEG"
-            jobs.append((seed, 0, k, j, kind, specs[k], min_side, max_side))
+            jobs.append((seed, 0, k, j, kind, specs[k], min_side, max_side, noise))
             train_names.append((k, f"{wnid}_{number}.JPEG"))
 
     # Val: balanced classes assigned to file numbers at random, tar member order shuffled too.
@@ -245,7 +250,7 @@ def generate(out_dir, num_classes=10, train_per_class=40, val_per_class=10, quir
         qname, kind = val_slots.get((k, seen[k]), (None, "jpeg"))
         if qname:
             found[qname] = f"val/{wnids[k]}/{fname}"
-        jobs.append((seed, 1, k, seen[k], kind, specs[k], min_side, max_side))
+        jobs.append((seed, 1, k, seen[k], kind, specs[k], min_side, max_side, noise))
         seen[k] += 1
         labels.append((fname, wnids[k]))
     order = rng.permutation(num_val)
@@ -304,10 +309,14 @@ def main(argv=None) -> int:
                    help="smallest image side in pixels (default 80: many images under 256 test 'never enlarge')")
     p.add_argument("--max-side", type=int, default=400,
                    help="largest image side in pixels (e.g. --min-side 256 --max-side 500 for ImageNet-like sizes)")
+    p.add_argument("--noise", type=float, default=NOISE,
+                   help=f"standard deviation of the per-pixel noise, which sets the JPEGs' size (default {NOISE:g}: "
+                        "about 23 KiB once resized to 256 px at quality 90; 16: about 31 KiB, like "
+                        "bench/bench_loader.py's photo-like scenes)")
     args = p.parse_args(argv)
     try:
         info = generate(args.out, args.classes, args.train_per_class, args.val_per_class, args.quirks, args.seed,
-                        args.min_side, args.max_side, args.workers)
+                        args.min_side, args.max_side, args.workers, args.noise)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
