@@ -21,7 +21,8 @@ ends with every rank timing --step-alone train steps on synthetic batches (tools
 printed per run: a slow run whose ranks are slow alone too kept slow kernels (e.g. cuDNN's choice).
 The summary json is rewritten after every run, so a call cut short keeps what it measured. A run
 that logs nothing for --timeout seconds is counted as hung: py-spy (where on PATH) writes the native and
-Python stacks of every thread of its processes to runs/<label>.stacks.txt, its whole process tree is
+Python stacks of every thread of its processes to runs/<label>.stacks.txt (each thread's innermost
+frames printed too), its whole process tree is
 killed, and the other runs go on (medians leave hung runs out; the tables count them). On GPUs
 nvidia-smi samples every GPU's SM clock, power, temperature and clock-limit reasons through each run
 (bench/gpu_sampler.py), printed on the run's line: a machine slowing within a call shows there.
@@ -141,6 +142,22 @@ def dump_stacks(pid, path):
     return path
 
 
+def stacks_digest(text, frames=6):
+    """The innermost `frames` frames of every thread in a py-spy dump, under its process and thread
+    lines: printed with the bench's own output, so a device call that brings back only that log
+    still tells where a hung run's threads waited (phase 16 of bench/NOTES-gpu.md lost a hang's
+    stacks file)."""
+    out, left = [], 0
+    for line in text.splitlines():
+        if line.startswith(("Process ", "Thread ")):
+            out.append(line)
+            left = frames if line.startswith("Thread ") else 0
+        elif left and line.strip():
+            out.append(line)
+            left -= 1
+    return "\n".join(out)
+
+
 def wait_progressing(proc, log, stall):
     """proc's exit code once it ends, or None once `log` (its output) has not grown for `stall`
     seconds: a hung run, told from a slow one that still logs its intervals (phase 14 of
@@ -187,8 +204,8 @@ def run_once(args, shards, label, gpus, flags, env=None, independent=False, gil_
                 code = wait_progressing(proc, log, args.timeout)
                 if code is None:
                     stacks = dump_stacks(proc.pid, args.work / "runs" / f"{label}.stacks.txt")
-                    print(f"{label}: HUNG (nothing logged for {args.timeout:.0f} s); stacks in {stacks}",
-                          flush=True)
+                    print(f"{label}: HUNG (nothing logged for {args.timeout:.0f} s); stacks in {stacks}; "
+                          f"innermost frames:\n{stacks_digest(stacks.read_text())}", flush=True)
                     break
                 if code != 0:
                     raise SystemExit(f"error: {label} exited with {code}; see {log}")

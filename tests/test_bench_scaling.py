@@ -107,7 +107,7 @@ def test_odd_repeats_run_the_settings_in_reverse_order():
     assert len(set(positions.values())) == 1
 
 
-def test_a_hung_run_is_counted_killed_with_its_children_and_the_others_go_on(tmp_path, monkeypatch):
+def test_a_hung_run_is_counted_killed_with_its_children_and_the_others_go_on(tmp_path, monkeypatch, capsys):
     child_pid = tmp_path / "child.pid"
     hang = ("import subprocess, sys, time; "
             "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
@@ -118,6 +118,7 @@ def test_a_hung_run_is_counted_killed_with_its_children_and_the_others_go_on(tmp
     run = bench_scaling.run_once(args, tmp_path / "shards", "base-g2-r0", 2, [])
     assert run["hung"] and Path(run["stacks"]) == tmp_path / "runs/base-g2-r0.stacks.txt"
     assert "py-spy is not on PATH" in Path(run["stacks"]).read_text()
+    assert "base-g2-r0: HUNG" in capsys.readouterr().out  # with the stacks' digest, for logs alone
     pid = int(child_pid.read_text())
     for _ in range(50):  # the rank-like child died with its launcher's process group
         try:
@@ -155,3 +156,26 @@ def test_hung_runs_are_left_out_of_the_figures_and_listed(tmp_path):
     assert base["runs"] == [100, 300] and base["median"] == 200.0 and base["hung"] == ["runs/x.stacks.txt"]
     assert len(base["runs_ranks"]) == 2 and base["vs_base_1"] == 1.0
     assert rows[("g", 1)]["runs"] == [] and math.isnan(rows[("g", 1)]["median"])
+
+
+def test_stacks_digest_keeps_each_threads_innermost_frames():
+    dump = """Process 11: python -m tools.train --shards s
+Python v3.12.3 (/usr/bin/python3)
+
+Thread 11 (idle): "MainThread"
+    pthread_cond_wait (libc.so.6)
+    wait (threading.py:359)
+    get (queue.py:180)
+    __next__ (gpu_data.py:700)
+    train_epoch (train.py:300)
+Thread 12 (active): "decode-0"
+    cuMemFree_v2 (libcuda.so.1)
+
+    nvjpegDecodeBatched (libnvjpeg.so.13)
+    decode_packed (nvjpeg.py:260)
+"""
+    digest = bench_scaling.stacks_digest(dump, frames=2)
+    assert digest.splitlines() == [
+        "Process 11: python -m tools.train --shards s",
+        'Thread 11 (idle): "MainThread"', "    pthread_cond_wait (libc.so.6)", "    wait (threading.py:359)",
+        'Thread 12 (active): "decode-0"', "    cuMemFree_v2 (libcuda.so.1)", "    nvjpegDecodeBatched (libnvjpeg.so.13)"]

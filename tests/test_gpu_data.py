@@ -2,6 +2,7 @@
 exact pixels for the seed's crop, flips, normalisation, the decode fallbacks, the Triton crop kernel
 (interpreter) against the torch version, the threaded pipeline, and the GPU data path wired into
 the loader, training and evaluation (its code run on the CPU): same eval top-1 as the CPU path."""
+import ctypes
 import io
 import json
 import subprocess
@@ -337,16 +338,28 @@ def test_engine_decoder_matches_nvjpeg_and_falls_back():
     assert all(torch.equal(a, b) for a, b in zip(ref, batch.images()[:6]))
 
 
-def test_engine_decoder_reserves_once_per_batch_size_and_leaves_the_rest_to_the_cpu(monkeypatch):
+def test_engine_decoder_sets_up_once_pads_short_batches_and_leaves_the_rest_to_the_cpu(monkeypatch):
     """The reservation logic without a GPU: libnvjpeg and the CUDA calls stubbed, the calls counted."""
     import collections
     import types
     from tools.imagenet import nvjpeg
     calls = []
 
+    batches = []  # per nvjpegDecodeBatched: (bitstream lengths, output widths) of its rows
+
     class Lib:  # every nvJPEG function succeeds and is recorded
         def __getattr__(self, name):
-            return lambda *args: calls.append(name) or 0
+            def call(*args):
+                calls.append(name)
+                if name == "nvjpegDecodeBatchedInitialize":
+                    calls.append(args[2])  # the batch size the state is set up for
+                if name == "nvjpegDecodeBatched":
+                    rows = decoder._batch
+                    lengths = (ctypes.c_uint64 * rows).from_address(args[3])
+                    table = (ctypes.c_uint64 * (rows * 8)).from_address(args[4])
+                    batches.append((list(lengths), list(table)[4::8]))
+                return 0
+            return call
 
     class Event:
         def record(self, stream=None):
@@ -364,27 +377,34 @@ def test_engine_decoder_reserves_once_per_batch_size_and_leaves_the_rest_to_the_
     monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, device=None, **k: empty(*a, **k))
     decoder = object.__new__(nvjpeg.NvjpegDecoder)
     decoder.device, decoder.max_side, decoder.max_bytes = torch.device("cpu"), 768, 256 * 1024
-    decoder._reserved, decoder._fits_bytes, decoder._batch = 0, 0, None
+    decoder._reserved, decoder._fits_bytes, decoder._batch, decoder._pad_source = 0, 0, None, None
     decoder._lib = decoder._fast = Lib()
     decoder._handle = decoder._state = decoder._stream = None
     decoder.seconds, decoder._in_flight = collections.Counter(), collections.deque()
     frames = np.array([[256, 300, 1], [256, 769, 1], [300, 256, 1], [256, 256, 0]])
     _, ok, sizes, _ = decoder.decode_packed(torch.zeros(3000, dtype=torch.uint8), np.array([0, 800, 1600, 2400, 3000]),
                                             frames)
-    # first the reserving batch (4 JPEGs of 768 x 768, >= 256 kB), waited for; then the batch itself
-    assert calls == ["nvjpegDecodeBatchedInitialize", "nvjpegDecodeBatched", "wait",
-                     "nvjpegDecodeBatchedInitialize", "nvjpegDecodeBatched"]
+    # first the reserving batch (4 JPEGs of 768 x 768, >= 256 kB), waited for; then the batch itself,
+    # its 2 engine images padded to the 4 the state was set up for: never set up again mid-run
+    assert calls == ["nvjpegDecodeBatchedInitialize", 4, "nvjpegDecodeBatched", "wait", "nvjpegDecodeBatched"]
     assert ok.tolist() == [True, False, True, False] and sizes[1].tolist() == [0, 0]
+    pad = len(nvjpeg._reserve_jpeg(nvjpeg.PAD_SIDE, 0))
+    assert batches[1] == ([800, 800, pad, pad], [300, 256, nvjpeg.PAD_SIDE, nvjpeg.PAD_SIDE])
     assert decoder._reserved == 4 and decoder._fits_bytes >= 256 * 1024
     calls.clear()
     big = decoder._fits_bytes + 1  # a bitstream longer than the buffers were sized for: the CPU's
     _, ok, _, _ = decoder.decode_packed(torch.zeros(2000 + big, dtype=torch.uint8),
                                         np.array([0, 1000, 1000 + big, 2000 + big]), frames[[0, 0, 2]])
-    assert ok.tolist() == [True, False, True] and "wait" not in calls
+    assert ok.tolist() == [True, False, True] and calls == ["nvjpegDecodeBatched"]
+    assert batches[-1][0] == [1000, 1000, pad, pad]  # 3 images, 2 on the engines, 2 pads
     calls.clear()
     decoder.decode_packed(torch.zeros(5000, dtype=torch.uint8), np.arange(6) * 1000, frames[[0, 0, 0, 2, 2]])
-    assert calls[:3] == ["nvjpegDecodeBatchedInitialize", "nvjpegDecodeBatched", "wait"]  # 5 > 4: again
-    assert decoder._reserved == 5
+    assert calls[:4] == ["nvjpegDecodeBatchedInitialize", 5, "nvjpegDecodeBatched", "wait"]  # 5 > 4: again
+    assert decoder._reserved == 5 and batches[-1][0] == [1000] * 5
+    decoder.max_side = 0  # no reservation: the state follows each batch's size, nothing padded
+    calls.clear()
+    decoder.decode_packed(torch.zeros(2000, dtype=torch.uint8), np.arange(3) * 1000, frames[[0, 0]])
+    assert calls == ["nvjpegDecodeBatchedInitialize", 2, "nvjpegDecodeBatched"] and batches[-1][0] == [1000] * 2
 
 
 def _engine_or_skip():
@@ -420,6 +440,36 @@ def test_engine_decoder_never_waits_for_other_gpu_work_when_images_grow():
     torch.cuda.synchronize()
     assert still_sleeping and ok.all() and sizes[0].tolist() == [engine.max_side - 60, engine.max_side]
     assert len(buf.getvalue()) > 50_000
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_engine_decoder_short_then_full_batch_never_waits_for_other_gpu_work():
+    """A decoder kept across pipelines (DecoderPool) gets validation's short last batch, then a
+    full training batch: padded to the reserved count, neither sets nvJPEG's state up again, so
+    the full batch returns while another stream's kernel still runs, and the short batch's images
+    are those of the CPU decode."""
+    engine = _engine_or_skip()
+    photos = [_encode("jpeg", w=256 + 8 * i, h=256, color=(25 * i, 90, 180)) for i in range(8)]
+    full = gd.pack_jpegs(photos)
+    short = gd.pack_jpegs(photos[:3])
+    engine.decode_packed(full[0], full[1].numpy())
+    flat, ok, sizes, starts = engine.decode_packed(short[0], short[1].numpy())
+    torch.cuda.synchronize()
+    assert ok.all()
+    for i, (h, w) in enumerate(sizes.tolist()):
+        want = gd._cpu_decode(torch.frombuffer(bytearray(photos[i]), dtype=torch.uint8))
+        got = flat[starts[i]:starts[i] + 3 * h * w].view(3, h, w).cpu()
+        assert (got.int() - want.int()).abs().float().mean() < 2  # the engines' IDCT, not libjpeg's
+    side, decode = torch.cuda.Stream(), torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(2_000_000_000)  # about a second
+        slept = torch.cuda.Event()
+        slept.record()
+    with torch.cuda.stream(decode):
+        _, ok, _, _ = engine.decode_packed(full[0], full[1].numpy())
+    still_sleeping = not slept.query()
+    torch.cuda.synchronize()
+    assert still_sleeping and ok.all()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

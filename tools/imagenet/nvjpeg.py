@@ -46,6 +46,12 @@ _DECODE_LOCK = threading.Lock()
 # at the prepared 256 short side, or over 256 kB: none of the prepared ImageNet's) to the CPU.
 MAX_SIDE = 768
 MAX_BYTES = 256 * 1024
+# A batch with fewer engine images than the buffers were sized for (an epoch's or validation's last
+# batch, images left to the CPU) is padded up to that count with small JPEGs decoded into a scratch
+# buffer: nvjpegDecodeBatchedInitialize then runs once per decoder, never with a new count mid-run,
+# as a decoder kept across pipelines (gpu_data.DecoderPool) would otherwise do after validation's
+# short last batch (a 2-GPU run with the pool hung: bench/NOTES-gpu.md phase 16).
+PAD_SIDE = 256  # the prepared images' size, which the engines take
 _LIB_NAMES = ("libnvjpeg.so.13", "libnvjpeg.so.12", "libnvjpeg.so.11", "libnvjpeg.so")
 
 
@@ -146,6 +152,7 @@ class NvjpegDecoder:
         self.device = torch.device(device)
         self.max_side, self.max_bytes = max_side, max_bytes
         self._reserved, self._fits_bytes = 0, 0  # images and bytes per image the buffers are sized for
+        self._pad_source = None  # pinned PAD_SIDE JPEG, made on the first short batch
         if self.device.type != "cuda":
             raise RuntimeError("the nvJPEG decoder needs a CUDA device")
         self._lib, self._fast = load_library()
@@ -238,17 +245,20 @@ class NvjpegDecoder:
             table[:, _MAX_COMPONENT + c] = sizes[take, 1]
         sources = (staging.data_ptr() + offsets[take] - first).astype(np.uint64)
         source_lengths = lengths[take].astype(np.uint64)
+        scratch = None
+        if self.max_side and len(take) < self._reserved:
+            table, sources, source_lengths, scratch = self._padded(table, sources, source_lengths)
         stream = torch.cuda.current_stream(self.device)
         # One batched decode call at a time per process, as torchvision does: two threads' decoders
         # in this call at once beside a running step hung in it (bench/probe_engine.py; a 2-GPU
         # training run hung too, where was not caught: NOTES-gpu.md phase 5). The call only queues
         # the batch on the engines; the decoding itself still overlaps.
         with _DECODE_LOCK:
-            if self._batch != len(take):
-                self._check(self._lib.nvjpegDecodeBatchedInitialize(self._handle, self._state, len(take), 1,
+            if self._batch != len(table):
+                self._check(self._lib.nvjpegDecodeBatchedInitialize(self._handle, self._state, len(table), 1,
                                                                     _OUTPUT_RGB),
                             "nvjpegDecodeBatchedInitialize")
-                self._batch = len(take)
+                self._batch = len(table)
             self._check(self._lib.nvjpegDecodeBatched(self._handle, self._state, sources.ctypes.data,
                                                       source_lengths.ctypes.data, table.ctypes.data,
                                                       ctypes.c_void_p(stream.cuda_stream)),
@@ -258,8 +268,26 @@ class NvjpegDecoder:
             self.seconds[key] += seconds
         done = torch.cuda.Event()
         done.record(stream)
-        self._in_flight.append((done, staging))
+        self._in_flight.append((done, (staging, scratch)))
         return flat, ok, sizes, starts
+
+    def _padded(self, table, sources, lengths):
+        """The batch's rows plus as many PAD_SIDE JPEGs (one pinned copy, decoded into a scratch
+        buffer) as make it the reserved count (see PAD_SIDE); and that scratch buffer."""
+        if self._pad_source is None:
+            blob = torch.frombuffer(bytearray(_reserve_jpeg(PAD_SIDE, 0)), dtype=torch.uint8)
+            self._pad_source = torch.empty(len(blob), dtype=torch.uint8, pin_memory=True)
+            self._pad_source.copy_(blob)
+        count, plane = self._reserved - len(table), PAD_SIDE * PAD_SIDE
+        scratch = torch.empty(3 * plane * count, dtype=torch.uint8, device=self.device)
+        pads = np.zeros((count, 2 * _MAX_COMPONENT), dtype=np.uint64)
+        for c in range(3):
+            pads[:, c] = scratch.data_ptr() + (3 * np.arange(count) + c) * plane
+            pads[:, _MAX_COMPONENT + c] = PAD_SIDE
+        source = self._pad_source
+        return (np.concatenate([table, pads]),
+                np.concatenate([sources, np.full(count, source.data_ptr(), dtype=np.uint64)]),
+                np.concatenate([lengths, np.full(count, len(source), dtype=np.uint64)]), scratch)
 
     def reserve(self, count):
         """Sizes the engines' buffers for `count` images of max_side x max_side and max_bytes (see
