@@ -7,6 +7,7 @@ import io
 import json
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -341,7 +342,6 @@ def test_engine_decoder_matches_nvjpeg_and_falls_back():
 def test_engine_decoder_sets_up_once_pads_short_batches_and_leaves_the_rest_to_the_cpu(monkeypatch):
     """The reservation logic without a GPU: libnvjpeg and the CUDA calls stubbed, the calls counted."""
     import collections
-    import types
     from tools.imagenet import nvjpeg
     calls = []
 
@@ -976,6 +976,15 @@ def test_engine_decoders_reserve_once_per_run_with_a_pool(monkeypatch):
                                    threads=2, decoder="engine", pool=pool)
         assert len([x for x, _ in pipe]) == 6
     assert 1 <= len(reserved) <= 2 and len(pool) == len(reserved)  # not 2 per epoch
+
+
+def test_train_keeps_validation_decoders_apart_from_the_epochs():
+    """A decoder sized for training's batches never gets validation's (of another size, or short):
+    each would set nvJPEG's state up again mid-run, or pad every batch of the smaller size."""
+    first = types.SimpleNamespace(kind="engine")
+    train_pool, val_pool = train.decoder_pools(first, "cuda:0")
+    assert train_pool is not val_pool and len(val_pool) == 0
+    assert train_pool.take("engine", "cuda:0") is first
 
 
 def test_train_hands_gpu_prefetch_to_the_pipeline(tmp_path, monkeypatch):

@@ -404,6 +404,17 @@ def parallelize(raw, args, world, device):
     return ddp, fwd
 
 
+def decoder_pools(first, device):
+    """(train pool, validation pool) of GPU decoders, `first` in the train pool. The decode threads
+    of every epoch share the train pool's decoders, validation's those of its own: each decoder then
+    sees one batch size (a short last batch is padded up to it, tools.imagenet.nvjpeg.PAD_SIDE), so
+    none sizes its buffers again mid-run, which waits for the whole GPU (bench/NOTES-gpu.md
+    phases 14 and 16), nor pads every batch of the smaller of two sizes."""
+    pools = gpu_data.DecoderPool(), gpu_data.DecoderPool()
+    pools[0].give(first.kind, device, first)
+    return pools
+
+
 def plain_state(model, raw, optimizer):
     """(model, optimizer) state_dicts in the plain model's layout, with every rank holding rank
     0's BatchNorm statistics. Collective: every rank calls it."""
@@ -509,20 +520,19 @@ def train(args, rank, world, device, stop):
                                                          "versions": versions(world, device)})
 
     bad_log = gpu_data.failure_log(out / "bad_samples.tsv", rank=rank)
-    # the decode threads of every epoch (and of validation) share the run's GPU decoders; the first
-    # is made here so that a missing hardware decoder fails now, not in a loader thread
-    decoder, decoders = None, None
+    # the first GPU decoder is made here so that a missing hardware decoder fails now, not in a
+    # loader thread
+    decoder, decoders, val_decoders = None, None, None
     if decode == "gpu":
         first = gpu_data.gpu_decoder(args.gpu_decoder, device)
         decoder = first.kind
         if device.type == "cuda":  # (on a CPU the pipeline decodes without a decoder object)
-            decoders = gpu_data.DecoderPool()
-            decoders.give(decoder, device, first)
+            decoders, val_decoders = decoder_pools(first, device)
     val = val_loader(args.shards, args.val_batch_size or local_batch, rank, world, args.workers,
                      args.crop_size, decode=decode)
     if decode == "gpu":
         val = gpu_data.val_pipeline(val, device, args.crop_size, mean, std, on_failure=bad_log,
-                                    decoder=decoder, pool=decoders)
+                                    decoder=decoder, pool=val_decoders)
     n = batches_per_epoch(manifest["num_samples"], args.batch_size, args.epoch_size)
     if rank == 0:
         print(f"{args.arch}: {world} rank(s) on {device.type} ({args.parallel}), global batch "
