@@ -414,6 +414,21 @@ def _engine_or_skip():
         pytest.skip(f"no hardware JPEG decoder: {exc}")
 
 
+def _decode_beside_a_sleeping_stream(engine, packed):
+    """(decode_packed's result, whether another stream's ~1 s kernel was still running when the
+    call returned): False where the call waited for the whole GPU."""
+    side, decode = torch.cuda.Stream(), torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(2_000_000_000)  # about a second
+        slept = torch.cuda.Event()
+        slept.record()
+    with torch.cuda.stream(decode):
+        result = engine.decode_packed(packed[0], packed[1].numpy())
+    still_sleeping = not slept.query()
+    torch.cuda.synchronize()
+    return result, still_sleeping
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_engine_decoder_never_waits_for_other_gpu_work_when_images_grow():
     """Larger images than any before made nvJPEG reallocate inside the decode call, and cuMemFree
@@ -429,15 +444,7 @@ def test_engine_decoder_never_waits_for_other_gpu_work_when_images_grow():
                           + [buf.getvalue()])
     engine.decode_packed(small[0], small[1].numpy())
     torch.cuda.synchronize()
-    side, decode = torch.cuda.Stream(), torch.cuda.Stream()
-    with torch.cuda.stream(side):
-        torch.cuda._sleep(2_000_000_000)  # about a second
-        slept = torch.cuda.Event()
-        slept.record()
-    with torch.cuda.stream(decode):
-        flat, ok, sizes, _ = engine.decode_packed(large[0], large[1].numpy())
-    still_sleeping = not slept.query()
-    torch.cuda.synchronize()
+    (flat, ok, sizes, _), still_sleeping = _decode_beside_a_sleeping_stream(engine, large)
     assert still_sleeping and ok.all() and sizes[0].tolist() == [engine.max_side - 60, engine.max_side]
     assert len(buf.getvalue()) > 50_000
 
@@ -460,15 +467,7 @@ def test_engine_decoder_short_then_full_batch_never_waits_for_other_gpu_work():
         want = gd._cpu_decode(torch.frombuffer(bytearray(photos[i]), dtype=torch.uint8))
         got = flat[starts[i]:starts[i] + 3 * h * w].view(3, h, w).cpu()
         assert (got.int() - want.int()).abs().float().mean() < 2  # the engines' IDCT, not libjpeg's
-    side, decode = torch.cuda.Stream(), torch.cuda.Stream()
-    with torch.cuda.stream(side):
-        torch.cuda._sleep(2_000_000_000)  # about a second
-        slept = torch.cuda.Event()
-        slept.record()
-    with torch.cuda.stream(decode):
-        _, ok, _, _ = engine.decode_packed(full[0], full[1].numpy())
-    still_sleeping = not slept.query()
-    torch.cuda.synchronize()
+    (_, ok, _, _), still_sleeping = _decode_beside_a_sleeping_stream(engine, full)
     assert still_sleeping and ok.all()
 
 
