@@ -47,10 +47,10 @@ _DECODE_LOCK = threading.Lock()
 MAX_SIDE = 768
 MAX_BYTES = 256 * 1024
 # A batch with fewer engine images than the buffers were sized for (an epoch's or validation's last
-# batch, images left to the CPU) is padded up to that count with small JPEGs decoded into a scratch
-# buffer: nvjpegDecodeBatchedInitialize then runs once per decoder, never with a new count mid-run,
-# as a decoder kept across pipelines (gpu_data.DecoderPool) would otherwise do after validation's
-# short last batch (a 2-GPU run with the pool hung: bench/NOTES-gpu.md phase 16).
+# batch, images left to the CPU) is padded up to that count with PAD_SIDE x PAD_SIDE JPEGs of a few
+# kB decoded into a scratch buffer: nvjpegDecodeBatchedInitialize then runs once per decoder, never
+# with a new count mid-run, as a decoder kept across pipelines (gpu_data.DecoderPool) would
+# otherwise do after validation's short last batch (a 2-GPU run with the pool hung: phase 16).
 PAD_SIDE = 256  # the prepared images' size, which the engines take
 _LIB_NAMES = ("libnvjpeg.so.13", "libnvjpeg.so.12", "libnvjpeg.so.11", "libnvjpeg.so")
 
