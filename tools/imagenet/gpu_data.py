@@ -843,7 +843,8 @@ class GpuBatchPipeline:
     as the hardware engines take several decoders at once) or one decoder shared by all threads
     (a callable on a list of images, or an object with decode_packed).
     pool: a DecoderPool the threads take their decoders from and give them back to when the
-    iteration ends (tools.train: one per run); None: each thread makes its own and drops it.
+    iteration ends (tools.train: one for its epochs, one for validation); None: each thread makes
+    its own and drops it.
     priority: of the decode streams (-1: high, 0: normal). stall_timeout: seconds without a batch
     from the threads after which the consumer raises, with every thread's stack on stderr (a
     decoder stuck in a library call must not hang a training run silently)."""
