@@ -1002,3 +1002,13 @@ def test_train_hands_gpu_prefetch_to_the_pipeline(tmp_path, monkeypatch):
     assert made == [3, 5]  # validation (made first) keeps its default; the train pipeline takes the flag
     with pytest.raises(SystemExit):
         train.parse_args(["--shards", "s", "--out", "o", "--gpu-prefetch", "0"])
+
+
+def test_gpu_prefetch_defaults_to_the_measured_depth():
+    """8 decoded batches ready: 2-GPU runs kept their ranks fed where 3 stalled them
+    (bench/NOTES-gpu.md phase 17); the tool called directly and the workflow agree."""
+    import yaml
+    from pathlib import Path
+    assert train.parse_args(["--shards", "s", "--out", "o"]).gpu_prefetch == 8
+    config = yaml.safe_load((Path(__file__).parents[1] / "config.yaml").read_text())
+    assert config["train"]["gpu_prefetch"] == 8

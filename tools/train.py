@@ -112,9 +112,11 @@ def parse_args(argv=None):
       "(nvImageCodec; needs nvidia-nvimgcodec) or auto (engine where the GPU has one, else nvjpeg)")
     a("--decode-threads", type=int, default=2, help="--decode gpu: host threads decoding and "
       "cropping batches ahead, each with its own CUDA stream")
-    a("--gpu-prefetch", type=int, default=3, help="--decode gpu: decoded batches kept ready "
+    a("--gpu-prefetch", type=int, default=8, help="--decode gpu: decoded batches kept ready "
       "beyond the ones being decoded (~77 MB each for 256 AlexNet crops in bf16): the slack that "
-      "absorbs the data path's stalls, which under DDP would stall every rank")
+      "absorbs the data path's stalls, which under DDP would stall every rank (8 against 3: 2-GPU "
+      "runs 1.94x against 1.66x of one GPU in one call, the same on one GPU; bench/NOTES-gpu.md "
+      "phase 17)")
     a("--shuffle-buffer", type=int, default=1000, help="samples in each loader's shuffle buffer")
     a("--normalize", default="manifest", choices=["manifest", "imagenet"],
       help="mean/std from the train manifest or the usual ImageNet constants")
