@@ -161,14 +161,15 @@ def cpu_batches(shards, batch, workers, crop, aug, total):
 def gpu_batches(shards, batch, workers, crop, aug, total, cpu_fraction=0.0, decoder="nvjpeg", threads=1,
                 priority=0):
     """(d)-(g): the project's GPU path, as tools.train --decode gpu [--gpu-decoder] [--cpu-fraction]
-    runs it."""
+    runs it (its decoded-batch queue as deep as tools.train's default)."""
+    from tools.train import GPU_PREFETCH
     from tools.imagenet.loader import train_loader
     loader = train_loader(shards, global_batch_size=batch, epoch=1, seed=0, rank=0, world_size=1,
                           workers=workers, crop_size=crop, aug=aug, decode="gpu", cpu_fraction=cpu_fraction)
     loader.num_batches = max(loader.num_batches, total)
     augment = gpu_data.GpuAugment(crop, mode=aug, mean=MEAN, std=STD, dtype=torch.bfloat16, seed=0)
     return gpu_data.GpuBatchPipeline(loader, augment, device="cuda", decoder=decoder, threads=threads,
-                                     priority=priority)
+                                     priority=priority, prefetch=GPU_PREFETCH)
 
 
 def one_raw_batch(shards, batch, crop, aug):
@@ -337,8 +338,9 @@ def parse_args(argv=None):
                    help="train augmentation of paths c-e: RandomResizedCrop (as b) or the seed's crop")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                    help="DataLoader workers of the decoding paths b, c, e (default: all cores)")
-    p.add_argument("--raw-workers", type=int, default=4,
-                   help="workers of the GPU path d, which only read shards (default 4)")
+    p.add_argument("--raw-workers", type=int, default=8,
+                   help="workers of the GPU paths d, f, h, which only read shards (default 8, as the "
+                        "workflow's train.workers)")
     p.add_argument("--decode-threads", default="1,2",
                    help="GPU paths: decode threads of GpuBatchPipeline; a comma list runs (d) with each, "
                         "the others with the last (default 1,2)")

@@ -61,6 +61,7 @@ from tools.imagenet.schedule import Schedule
 from tools.imagenet.step import SGD_KERNELS, eager_step, sgd, sgd_flags
 
 INTERRUPTED = 143  # 128 + SIGTERM, what a preempted job reports
+GPU_PREFETCH = 8  # decoded batches ready under --decode gpu (bench/NOTES-gpu.md phase 17)
 
 
 class Diverged(RuntimeError):
@@ -112,7 +113,7 @@ def parse_args(argv=None):
       "(nvImageCodec; needs nvidia-nvimgcodec) or auto (engine where the GPU has one, else nvjpeg)")
     a("--decode-threads", type=int, default=2, help="--decode gpu: host threads decoding and "
       "cropping batches ahead, each with its own CUDA stream")
-    a("--gpu-prefetch", type=int, default=8, help="--decode gpu: decoded batches kept ready "
+    a("--gpu-prefetch", type=int, default=GPU_PREFETCH, help="--decode gpu: decoded batches kept ready "
       "beyond the ones being decoded (~77 MB each for 256 AlexNet crops in bf16): the slack that "
       "absorbs the data path's stalls, which under DDP would stall every rank (8 against 3: 2-GPU "
       "runs 1.94x against 1.66x of one GPU in one call, the same on one GPU; bench/NOTES-gpu.md "
