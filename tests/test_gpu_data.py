@@ -8,10 +8,12 @@ import json
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
@@ -1007,8 +1009,6 @@ def test_train_hands_gpu_prefetch_to_the_pipeline(tmp_path, monkeypatch):
 def test_gpu_prefetch_defaults_to_the_measured_depth():
     """8 decoded batches ready: 2-GPU runs kept their ranks fed where 3 stalled them
     (bench/NOTES-gpu.md phase 17); the tool called directly and the workflow agree."""
-    import yaml
-    from pathlib import Path
     assert train.parse_args(["--shards", "s", "--out", "o"]).gpu_prefetch == 8
     config = yaml.safe_load((Path(__file__).parents[1] / "config.yaml").read_text())
     assert config["train"]["gpu_prefetch"] == 8
