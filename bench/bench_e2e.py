@@ -21,6 +21,15 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from tools.make_mini import NOISE  # noqa: E402
+
+
+def add_noise_flag(parser, note=""):
+    """--noise: the generated images' pixel noise, as tools.make_mini takes it (sets the JPEGs' size)."""
+    parser.add_argument("--noise", type=float, default=NOISE, help="generated images' pixel noise "
+                        f"(tools.make_mini --noise: {NOISE:g} gives ~23 KiB JPEGs at 256 px{note}; 16 ~31 KiB, "
+                        "like bench_loader's photo-like scenes)")
 
 
 def run(cmd, **kwargs):
@@ -77,8 +86,7 @@ def main(argv=None):
     p.add_argument("--train-per-class", type=int, default=160, help="generated train images per class")
     p.add_argument("--val-per-class", type=int, default=50, help="generated val images per class")
     p.add_argument("--shard-size", type=int, default=100, help="images per shard")
-    p.add_argument("--noise", type=float, default=8.0, help="generated images' pixel noise (tools.make_mini "
-                   "--noise: 8 gives ~23 KiB JPEGs at 256 px, 16 ~31 KiB)")
+    add_noise_flag(p)
     p.add_argument("--epochs", type=int, default=3, help="training epochs per model")
     p.add_argument("--batch-per-gpu", type=int, default=256, help="batch per GPU")
     p.add_argument("--workers-per-gpu", type=int, default=None,

@@ -305,9 +305,7 @@ def main(argv=None):
     p.add_argument("--train-per-class", type=int, default=500, help="generated train images per class")
     p.add_argument("--val-per-class", type=int, default=20, help="generated val images per class")
     p.add_argument("--shard-size", type=int, default=250, help="images per shard")
-    p.add_argument("--noise", type=float, default=8.0, help="generated images' pixel noise (tools.make_mini "
-                   "--noise: 8 gives ~23 KiB JPEGs at 256 px, the phases' data so far; 16 ~31 KiB, like "
-                   "bench_loader's photo-like scenes)")
+    bench_e2e.add_noise_flag(p, ", the phases' data so far")
     p.add_argument("--gpus", default="1,2", help="GPU counts to compare, the first is the baseline")
     p.add_argument("--variant", action="append", type=parse_variant, default=[],
                    help="NAME:[VAR=value ...] FLAGS: extra tools.train flags (and environment "
