@@ -58,10 +58,17 @@ def workflow_config(args):
     }
 
 
+# tools.train's per-rank shares of each log interval (tools.imagenet.interval_meter.IntervalMeter)
+RANK_SHARES = {"data_share_ranks": "data wait", "step_host_ranks": "host issuing steps",
+               "gpu_busy_ranks": "GPU busy in steps", "raw_wait_ranks": "fetch waiting for workers",
+               "decode_busy_ranks": "decode threads busy"}
+
+
 def train_rate(run_dir):
     """Of the last epoch's log intervals (first dropped): median images/s, rank 0's median
-    data-wait share, and a dict of per-rank medians (data wait, host issuing steps, GPU in
-    steps: tools.train's *_ranks fields) and the intervals' images/s."""
+    data-wait share, and a dict of per-rank medians (RANK_SHARES: data wait, host issuing steps,
+    GPU in steps, the GPU data path's fetch thread waiting for workers and decode threads busy)
+    and the intervals' images/s."""
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in recs if r.get("kind") == "train"]
     last = [r for r in train if r["epoch"] == train[-1]["epoch"]][1:] or train[-1:]
@@ -72,9 +79,7 @@ def train_rate(run_dir):
 
     return (statistics.median(r["images_per_s"] for r in last),
             statistics.median(r.get("data_share", 0.0) for r in last),
-            {"data_share_ranks": per_rank("data_share_ranks"),
-             "gpu_busy_ranks": per_rank("gpu_busy_ranks"),
-             "step_host_ranks": per_rank("step_host_ranks"),
+            {**{key: per_rank(key) for key in RANK_SHARES},
              "images_per_s_intervals": [round(r["images_per_s"]) for r in last]})
 
 
@@ -150,12 +155,10 @@ def main(argv=None):
         print(f"{r['model']:24s} {r['gpus']:4d} {train:9,.0f} {r['ceiling_train']:9,.0f} "
               f"{train / r['ceiling_train']:6.0%} {r.get('data_share', float('nan')):5.0%} {eval_rate:9,.0f} "
               f"{r['ceiling_infer_per_gpu']:14,.0f} {r.get('val_top1_err', float('nan')):11.2f}%")
-    labels = {"data_share_ranks": "data wait", "gpu_busy_ranks": "GPU busy in steps",
-              "step_host_ranks": "host issuing steps"}
     for r in rows:
         if r.get("ranks"):
             shares = "; ".join(f"{label} {', '.join(f'{v:.0%}' for v in r['ranks'][key])}"
-                               for key, label in labels.items())
+                               for key, label in RANK_SHARES.items())
             print(f"{r['model']}: per rank median {shares}; intervals "
                   f"{r['ranks']['images_per_s_intervals']}")
     (args.work / "bench_e2e.json").write_text(json.dumps({"rows": rows, "stages": stage_times}, indent=2))

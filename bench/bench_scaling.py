@@ -11,7 +11,9 @@ Each run is `torchrun --nproc-per-node G -m tools.train` (AlexNet-BN, bf16, chan
 gpu, batch --batch-per-gpu per GPU); the 1-GPU runs are pinned to --cpus-per-gpu CPUs (the issue's
 one GPU with 16 cores), the others use the whole machine. Its rate is the median of the last
 epoch's 10-step log intervals (the first dropped), with every rank's data wait, host time issuing
-the steps and GPU time in steps (tools.train's per-rank log fields). Every epoch has
+the steps, GPU time in steps, and on the GPU data path its fetch thread's wait for the loader
+workers and its decode threads' busy time (tools.train's per-rank log fields: a rank slow for
+data waits on its workers or its decoders). Every epoch has
 --epoch-images images whatever the GPU count (tools.train --epoch-size; the train stream goes
 round the 50,000 generated images again): 240,000 give 2-GPU epochs of 468 steps, 46 measured
 intervals, ~7 s. Epochs of one pass over 80,000 images (15 intervals, ~2.5 s) were too short: a
@@ -273,7 +275,7 @@ def summarize(results, base_gpus, path):
 
     base = median_rate(finished(results.get(("base", base_gpus))))
     rows = []
-    shares = ("data_share_ranks", "step_host_ranks", "gpu_busy_ranks")
+    shares = tuple(bench_e2e.RANK_SHARES)
     for (name, g), all_runs in results.items():
         runs = finished(all_runs)
         med = median_rate(runs)
@@ -292,9 +294,10 @@ def summarize(results, base_gpus, path):
 
 
 def rank_shares(figures):
-    """'data wait, host issuing, GPU in steps' per rank, ranks separated by |."""
-    return " | ".join(f"{d:.0%} {h:.0%} {b:.0%}" for d, h, b in
-                      zip(figures["data_share_ranks"], figures["step_host_ranks"], figures["gpu_busy_ranks"]))
+    """'data wait, host issuing, GPU in steps, fetch waiting for workers, decode threads busy'
+    per rank (bench_e2e.RANK_SHARES), ranks separated by |."""
+    return " | ".join(" ".join(f"{v:.0%}" for v in rank) for rank in
+                      zip(*(figures[k] for k in bench_e2e.RANK_SHARES)))
 
 
 def main(argv=None):
@@ -369,15 +372,15 @@ def main(argv=None):
     if gil_text:
         print("\n== GIL holders (py-spy --gil) ==\n" + gil_text)
     print(f"\n== images/s, median of {args.repeats} runs (ratio: to base on {gpu_counts[0]} GPU(s)) ==")
-    print(f"{'variant':14s} {'gpus':>4s} {'median':>9s} {'ratio':>6s}  {'runs':24s} per rank: data wait / "
-          f"host issuing steps / GPU in steps")
+    print(f"{'variant':14s} {'gpus':>4s} {'median':>9s} {'ratio':>6s}  {'runs':24s} per rank: "
+          f"{' / '.join(bench_e2e.RANK_SHARES.values())}")
     for row in rows:
         hung = f"  + {len(row['hung'])} hung" if row["hung"] else ""
         print(f"{row['variant']:14s} {row['gpus']:4d} {row['median']:9,.0f} {row['vs_base_1']:5.2f}x  "
               f"{str(row['runs']):24s} {rank_shares(row)}{hung}")
     # A slow multi-GPU run shows here as one rank that hardly waits for data and issues its steps
     # most of the time while the others wait (bench/NOTES-gpu.md phase 10).
-    print("\n== each run: images/s, per rank data wait / host issuing steps / GPU in steps"
+    print(f"\n== each run: images/s, per rank {' / '.join(bench_e2e.RANK_SHARES.values())}"
           "[, its train step alone afterwards (synthetic batches)][, the GPUs' SM clock (median, min), power, "
           "peak temperature and clock limits, sampled by nvidia-smi] ==")
     for row in rows:

@@ -70,10 +70,11 @@ def test_one_against_two_processes_on_the_cpu(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "BENCH_SCALING_PROBE=1" in printed and "--step-alone 20" in printed
     # each run's own line: every rank's shares, then its step alone
-    assert "== each run: images/s, per rank data wait / host issuing steps / GPU in steps" in printed
+    assert ("== each run: images/s, per rank data wait / host issuing steps / GPU busy in steps / "
+            "fetch waiting for workers / decode threads busy") in printed
     two = [line for line in printed.splitlines() if line.startswith("base ") and " alone: " in line
            and line.split()[1] == "2"]
-    assert len(two) == 1 and two[0].count("|") == 1 and two[0].count("%") == 6, printed
+    assert len(two) == 1 and two[0].count("|") == 1 and two[0].count("%") == 10, printed
     assert next(r for r in rows if r["variant"] == "base" and r["gpus"] == 1)["vs_base_1"] == 1.0
     assert "images/s, median of 1 runs" in printed
 
@@ -81,17 +82,20 @@ def test_one_against_two_processes_on_the_cpu(tmp_path, capsys):
 def test_summary_is_written_after_each_run_even_before_the_baseline(tmp_path):
     path = tmp_path / "bench_scaling.json"
     run = {"rate": 100.0, "data_share_ranks": [0.1, 0.3], "step_host_ranks": [0.5, 0.5],
-           "gpu_busy_ranks": [0.9, 0.8], "step_alone_ranks": [1000.0, 700.0], "images_per_s_intervals": [90, 110]}
+           "gpu_busy_ranks": [0.9, 0.8], "raw_wait_ranks": [0.0, 0.6], "decode_busy_ranks": [0.4, 0.2],
+           "step_alone_ranks": [1000.0, 700.0], "images_per_s_intervals": [90, 110]}
     results = {("base", 2): [run]}
     bench_scaling.summarize(results, 1, path)  # the 1-GPU baseline has not run yet
     (row,) = json.loads(path.read_text())
     assert row["runs"] == [100] and math.isnan(row["vs_base_1"])
     results[("base", 1)] = [{**run, "rate": 50.0, "data_share_ranks": [0.2], "step_host_ranks": [0.4],
-                             "gpu_busy_ranks": [0.7], "step_alone_ranks": [1000.0]}]
+                             "gpu_busy_ranks": [0.7], "raw_wait_ranks": [0.1], "decode_busy_ranks": [0.5],
+                             "step_alone_ranks": [1000.0]}]
     rows = {(r["variant"], r["gpus"]): r for r in bench_scaling.summarize(results, 1, path)}
     assert rows[("base", 2)]["vs_base_1"] == 2.0 and rows[("base", 2)]["data_share_ranks"] == [0.1, 0.3]
     assert rows[("base", 2)]["runs_ranks"] == [{"data_share_ranks": [0.1, 0.3], "step_host_ranks": [0.5, 0.5],
-                                                "gpu_busy_ranks": [0.9, 0.8], "step_alone_ranks": [1000.0, 700.0],
+                                                "gpu_busy_ranks": [0.9, 0.8], "raw_wait_ranks": [0.0, 0.6],
+                                                "decode_busy_ranks": [0.4, 0.2], "step_alone_ranks": [1000.0, 700.0],
                                                 "gpu": {}}]
     assert len(json.loads(path.read_text())) == 2
 
@@ -148,7 +152,8 @@ def test_a_slow_run_that_still_logs_is_not_hung_a_silent_one_is(tmp_path):
 def test_hung_runs_are_left_out_of_the_figures_and_listed(tmp_path):
     path = tmp_path / "bench_scaling.json"
     done = {"rate": 100.0, "data_share_ranks": [0.1], "step_host_ranks": [0.5], "gpu_busy_ranks": [0.9],
-            "step_alone_ranks": [], "images_per_s_intervals": [100]}
+            "raw_wait_ranks": [0.0], "decode_busy_ranks": [0.3], "step_alone_ranks": [],
+            "images_per_s_intervals": [100]}
     hung = {"hung": True, "stacks": "runs/x.stacks.txt", "gpu": {}}
     rows = {(r["variant"], r["gpus"]): r for r in bench_scaling.summarize(
         {("base", 1): [done, hung, {**done, "rate": 300.0}], ("g", 1): [hung]}, 1, path)}

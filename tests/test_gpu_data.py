@@ -878,6 +878,12 @@ def test_train_with_gpu_decode_reports_bad_samples(tmp_path):
     assert all("cannot decode" in r for r in rows[1:])
     final = json.loads((out / "final.json").read_text())
     assert final["val_count"] == info["val_total"] - 1 and final["steps_per_rank"] == [2]
+    # every log line tells how the GPU data path's threads spent the interval (shares, per rank)
+    logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in logged if r["kind"] == "train"]
+    assert logged and all(0 <= r["raw_wait_ranks"][0] <= 1 and 0 <= r["decode_busy_ranks"][0] <= 1
+                          for r in logged)
+    assert any(r["decode_busy_ranks"][0] > 0 for r in logged)
 
 
 def test_threaded_pipeline_runs_ahead_only_prefetch_batches():

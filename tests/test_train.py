@@ -211,6 +211,8 @@ def test_interval_meter_reads_each_interval_one_boundary_late():
     assert (first["top1_correct"], first["top5_correct"]) == (3.0, 4.0)
     assert first["data_share_ranks"] == [0.25] and first["step_host_ranks"] == [0.5]
     assert first["gpu_busy_ranks"] == [0.0] and not first["stopping"]
+    # the GPU data path's threads: none given, none logged as busy
+    assert first["raw_wait_ranks"] == [0.0] and first["decode_busy_ranks"] == [0.0]
     meter.add(torch.tensor(3.0), torch.tensor(0), torch.tensor(1), 1)
     # the epoch's end reads the pending interval and its own; the sums start again from zero
     second, third = meter.close(seen=1, data_wait=0.0, step_host=0.1, elapsed=0.5, stop=True,
@@ -218,6 +220,29 @@ def test_interval_meter_reads_each_interval_one_boundary_late():
     assert (second["iteration"], second["loss_sum"], second["count"]) == (20, 2.0, 2)
     assert (third["iteration"], third["loss_sum"], third["count"]) == (21, 3.0, 1)
     assert second["stopping"] and third["stopping"] and meter.flush() == []
+
+
+def test_interval_meter_logs_the_data_threads_shares_per_rank():
+    meter = IntervalMeter(torch.device("cpu"), rank=0, world=1)
+    meter.add(torch.tensor(1.0), torch.tensor(1), torch.tensor(1), 1)
+    (rec,) = meter.close(seen=1, data_wait=0.5, step_host=0.5, elapsed=2.0, final=True, iteration=1,
+                         raw_wait=1.5, decode_busy=0.5)
+    assert rec["raw_wait_ranks"] == [0.75] and rec["decode_busy_ranks"] == [0.25]
+    assert "raw_wait" not in rec and "decode_busy" not in rec
+
+
+def test_producer_clock_laps_the_pipeline_threads_seconds():
+    class Pipeline:
+        threads = 2
+        stats = {"batches": 0, "fetch_s": 1.0, "decode_s": 2.0, "augment_s": 1.0}
+
+    pipe = Pipeline()
+    clock = train.ProducerClock(pipe)
+    pipe.stats.update(fetch_s=1.5, decode_s=4.0, augment_s=2.0)
+    # seconds since the clock started; decode threads' busy seconds per thread
+    assert clock.lap() == {"raw_wait": 0.5, "decode_busy": 1.5}
+    assert clock.lap() == {"raw_wait": 0.0, "decode_busy": 0.0}
+    assert train.ProducerClock([1, 2]).lap() == {"raw_wait": 0.0, "decode_busy": 0.0}  # the CPU loader
 
 
 def _meter_rank(rank, init, results):

@@ -290,6 +290,26 @@ class StopFlag:
             signal.signal(signal.SIGTERM, self.previous)
 
 
+class ProducerClock:
+    """Host seconds the GPU data path's threads spent since the last lap (gpu_data.GpuBatchPipeline's
+    stats): raw_wait, its fetch thread waiting for the loader workers; decode_busy, its decode
+    threads decoding and cropping, per thread. Zero for the CPU loader, which has no such threads."""
+
+    def __init__(self, loader):
+        self.stats = getattr(loader, "stats", None)
+        self.threads = max(1, getattr(loader, "threads", 1))
+        self.last = self._read()
+
+    def _read(self):
+        s = self.stats or {}
+        return s.get("fetch_s", 0.0), s.get("decode_s", 0.0) + s.get("augment_s", 0.0)
+
+    def lap(self):
+        now = self._read()
+        (fetch0, busy0), self.last = self.last, now
+        return {"raw_wait": now[0] - fetch0, "decode_busy": (now[1] - busy0) / self.threads}
+
+
 def train_epoch(epoch, model, optimizer, schedule, loader, device, mean, std, args, rank, world,
                 stop, log, train_step, on_step=None, metrics_group=None):
     """One epoch of train_step (eager_step or a GraphedStep); returns the epoch's global train
@@ -330,6 +350,7 @@ def train_epoch(epoch, model, optimizer, schedule, loader, device, mean, std, ar
             stopping = stopping or r["stopping"]
         return stopping
 
+    producer = ProducerClock(loader)
     t_data = time.perf_counter()
     for it, (x, y) in enumerate(loader, 1):
         data_wait += time.perf_counter() - t_data
@@ -352,7 +373,7 @@ def train_epoch(epoch, model, optimizer, schedule, loader, device, mean, std, ar
             # One host-side collective per interval: global metrics, every rank agrees on NaN/stop
             records = meter.close(seen, data_wait, step_host, time.perf_counter() - t_interval,
                                   stop=stop.set, final=it == n or (world == 1 and stop.set),
-                                  iteration=it, first=it_start, lr=lr)
+                                  iteration=it, first=it_start, lr=lr, **producer.lap())
             if report(records):
                 report(meter.flush(stop=True))
                 bar.close()

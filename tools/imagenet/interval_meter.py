@@ -70,10 +70,13 @@ def host_group(device):
 
 class IntervalMeter:
     """Loss, top-1 and top-5 sums on the device, per-rank host and GPU times, reduced one log
-    interval late (module docstring). Per rank: data_wait, step_host (host seconds) and the GPU's
-    seconds in steps, turned into shares of each interval's `elapsed` (this rank's wall time)."""
+    interval late (module docstring). Per rank: data_wait, step_host (host seconds), the GPU's
+    seconds in steps and, on the GPU data path, raw_wait (its fetch thread waiting for the loader
+    workers) and decode_busy (its decode threads' host seconds, divided by their number), turned into
+    shares of each interval's `elapsed` (this rank's wall time). A rank that waits for data with its
+    raw_wait near 1 is fed too slowly by its workers; with decode_busy near 1, by its decoders."""
 
-    PER_RANK = ("data_share", "step_host", "gpu_busy")
+    PER_RANK = ("data_share", "step_host", "gpu_busy", "raw_wait", "decode_busy")
 
     def __init__(self, device, rank, world, group=None):
         self.device, self.rank, self.world, self.group = device, rank, world, group
@@ -91,7 +94,8 @@ class IntervalMeter:
         """One step's mean loss (device scalar) and top-1 / top-5 hit counts; no host sync."""
         self.sums += torch.stack([loss.detach().double() * count, top1.double(), top5.double()])
 
-    def close(self, seen, data_wait, step_host, elapsed, stop=False, final=False, **keep):
+    def close(self, seen, data_wait, step_host, elapsed, stop=False, final=False, raw_wait=0.0,
+              decode_busy=0.0, **keep):
         """Ends an interval; returns the records now readable: the previous interval's, and with
         final=True this one's too. Every rank must call it at the same iterations."""
         snapshot = torch.empty(3, dtype=torch.float64, pin_memory=self.device.type == "cuda")
@@ -102,7 +106,8 @@ class IntervalMeter:
             event.record()
         self.sums.zero_()
         current = (snapshot, event, self.timer.take(),
-                   dict(keep, seen=seen, data_wait=data_wait, step_host=step_host, elapsed=elapsed))
+                   dict(keep, seen=seen, data_wait=data_wait, step_host=step_host, elapsed=elapsed,
+                        raw_wait=raw_wait, decode_busy=decode_busy))
         ready = [] if self.pending is None else [self._reduce(self.pending, stop)]
         self.pending = current
         if final:
@@ -122,17 +127,19 @@ class IntervalMeter:
         if event is not None:
             event.synchronize()
         w = self.world
-        values = torch.zeros(5 + 3 * w, dtype=torch.float64)
+        values = torch.zeros(5 + len(self.PER_RANK) * w, dtype=torch.float64)
         values[:3] = snapshot
         values[3], values[4] = float(host["seen"]), float(bool(stop))
-        values[5 + self.rank] = host["data_wait"]
-        values[5 + w + self.rank] = host["step_host"]
-        values[5 + 2 * w + self.rank] = GpuStepTimer.span_seconds(spans)
+        mine = (host["data_wait"], host["step_host"], GpuStepTimer.span_seconds(spans), host["raw_wait"],
+                host["decode_busy"])
+        for i, seconds in enumerate(mine):
+            values[5 + i * w + self.rank] = seconds
         if self.group is not None:
             dist.all_reduce(values, group=self.group)
         loss_sum, c1, c5, count, stopping = values[:5].tolist()
         elapsed = host["elapsed"]
-        rec = {k: v for k, v in host.items() if k not in ("seen", "data_wait", "step_host")}
+        rec = {k: v for k, v in host.items()
+               if k not in ("seen", "data_wait", "step_host", "raw_wait", "decode_busy")}
         rec.update(loss_sum=loss_sum, top1_correct=c1, top5_correct=c5, count=count,
                    stopping=stopping > 0,
                    **{f"{name}_ranks": [min(1.0, v / elapsed) for v in values[5 + i * w:5 + (i + 1) * w].tolist()]
