@@ -67,8 +67,9 @@ RANK_SHARES = {"data_share_ranks": "data wait", "step_host_ranks": "host issuing
 def train_rate(run_dir):
     """Of the last epoch's log intervals (first dropped): median images/s, rank 0's median
     data-wait share, and a dict of per-rank medians (RANK_SHARES: data wait, host issuing steps,
-    GPU in steps, the GPU data path's fetch thread waiting for workers and decode threads busy)
-    and the intervals' images/s."""
+    GPU in steps, the GPU data path's fetch thread waiting for workers and decode threads busy),
+    that epoch's data path stages per rank (tools.train's data_path_ms_per_batch: host ms per
+    batch; [] on the CPU path) and the intervals' images/s."""
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in recs if r.get("kind") == "train"]
     last = [r for r in train if r["epoch"] == train[-1]["epoch"]][1:] or train[-1:]
@@ -77,9 +78,12 @@ def train_rate(run_dir):
         ranks = len(last[0].get(key, []))
         return [statistics.median(r[key][i] for r in last) for i in range(ranks)]
 
+    epochs = [r for r in recs if r.get("kind") == "epoch" and r["epoch"] == last[0]["epoch"]]
+    stages = epochs[-1].get("data_path_ms_per_batch", {}) if epochs else {}
     return (statistics.median(r["images_per_s"] for r in last),
             statistics.median(r.get("data_share", 0.0) for r in last),
             {**{key: per_rank(key) for key in RANK_SHARES},
+             "data_path_ms_ranks": [dict(zip(stages, ms)) for ms in zip(*stages.values())],
              "images_per_s_intervals": [round(r["images_per_s"]) for r in last]})
 
 

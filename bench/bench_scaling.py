@@ -287,6 +287,7 @@ def summarize(results, base_gpus, path):
                      # each run's own: a slow run shows which rank held the others up, and
                      # whether that rank's step alone was slow too
                      "runs_ranks": [{**{k: [round(v, 2) for v in x[k]] for k in (*shares, "step_alone_ranks")},
+                                     "data_path_ms_ranks": x.get("data_path_ms_ranks", []),
                                      "gpu": x.get("gpu", {})} for x in runs],
                      "intervals": [x["images_per_s_intervals"] for x in runs]})
     path.write_text(json.dumps(rows, indent=2))
@@ -298,6 +299,13 @@ def rank_shares(figures):
     per rank (bench_e2e.RANK_SHARES), ranks separated by |."""
     return " | ".join(" ".join(f"{v:.0%}" for v in rank) for rank in
                       zip(*(figures[k] for k in bench_e2e.RANK_SHARES)))
+
+
+def data_path_text(ranks):
+    """A run's GPU data path, host ms per batch per rank (tools.train's data_path_ms_per_batch):
+    'fetch 5.1 decode 21.3 (lock 8.0 call 9.1 copy 1.2) crop 2.9 | ...'; '' on the CPU path."""
+    return " | ".join(f"fetch {r['fetch']:.1f} decode {r['decode']:.1f} (lock {r['decode_lock']:.1f} call "
+                      f"{r['decode_call']:.1f} copy {r['decode_copy']:.1f}) crop {r['crop']:.1f}" for r in ranks)
 
 
 def main(argv=None):
@@ -382,12 +390,15 @@ def main(argv=None):
     # most of the time while the others wait (bench/NOTES-gpu.md phase 10).
     print(f"\n== each run: images/s, per rank {' / '.join(bench_e2e.RANK_SHARES.values())}"
           "[, its train step alone afterwards (synthetic batches)][, the GPUs' SM clock (median, min), power, "
-          "peak temperature and clock limits, sampled by nvidia-smi] ==")
+          "peak temperature and clock limits, sampled by nvidia-smi][, then the GPU data path's host ms per batch "
+          "per rank, last epoch] ==")
     for row in rows:
         for rate, x in zip(row["runs"], row["runs_ranks"]):
             alone = f"  alone: {', '.join(f'{v:,.0f}' for v in x['step_alone_ranks'])}" if x["step_alone_ranks"] else ""
             gpu = f"  {describe(x['gpu'])}" if x.get("gpu") else ""
             print(f"{row['variant']:14s} {row['gpus']:4d} {rate:9,d}  {rank_shares(x)}{alone}{gpu}")
+            if x["data_path_ms_ranks"]:
+                print(f"{'':29s} data path, host ms per batch: {data_path_text(x['data_path_ms_ranks'])}")
         for stacks in row["hung"]:
             print(f"{row['variant']:14s} {row['gpus']:4d}      hung  stacks: {stacks}")
     return 0

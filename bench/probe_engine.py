@@ -68,7 +68,7 @@ def run(batches, n_threads, seconds, step=None, crop=None):
     t0 = time.perf_counter()
     time.sleep(seconds)
     end = list(counts)
-    parts = {k: sum(d.seconds[k] for d in decoders) for k in ("probe", "copy", "decode")}
+    parts = {k: sum(d.seconds[k] for d in decoders) for k in gd.ENGINE_PARTS}
     n = sum(d.seconds["batches"] for d in decoders)
     dt = time.perf_counter() - t0
     stop.set()
@@ -137,9 +137,9 @@ def main():
         for threads in beside:
             row(f"{name} + decode x{threads}", *run(batches, threads, args.seconds, step=lambda: step(x, y)))
         row(f"{name} + decode+crop x3", *run(batches, 3, args.seconds, step=lambda: step(x, y), crop=aug))
-    print("\n| run | decode img/s | step img/s | host ms per batch: probe / copy / decode call |\n|---|---|---|---|")
+    print("\n| run | decode img/s | step img/s | host ms per batch: probe / copy / lock wait / decode call |\n|---|---|---|---|")
     for name, dec, st, parts in rows:
-        split = " / ".join(str(parts.get(k, "-")) for k in ("probe", "copy", "decode"))
+        split = " / ".join(str(parts.get(k, "-")) for k in gd.ENGINE_PARTS)
         print(f"| {name} | {dec:.0f} | {st:.0f} | {split} |")
     return 0
 

@@ -96,8 +96,16 @@ def test_summary_is_written_after_each_run_even_before_the_baseline(tmp_path):
     assert rows[("base", 2)]["runs_ranks"] == [{"data_share_ranks": [0.1, 0.3], "step_host_ranks": [0.5, 0.5],
                                                 "gpu_busy_ranks": [0.9, 0.8], "raw_wait_ranks": [0.0, 0.6],
                                                 "decode_busy_ranks": [0.4, 0.2], "step_alone_ranks": [1000.0, 700.0],
-                                                "gpu": {}}]
+                                                "data_path_ms_ranks": [], "gpu": {}}]
     assert len(json.loads(path.read_text())) == 2
+
+
+def test_data_path_text_names_each_ranks_stages():
+    rank = {"fetch": 5.06, "decode": 21.3, "decode_lock": 8.0, "decode_call": 9.14, "decode_copy": 1.2, "crop": 2.9}
+    assert bench_scaling.data_path_text([rank, {**rank, "decode": 27.0}]) == (
+        "fetch 5.1 decode 21.3 (lock 8.0 call 9.1 copy 1.2) crop 2.9 | "
+        "fetch 5.1 decode 27.0 (lock 8.0 call 9.1 copy 1.2) crop 2.9")
+    assert bench_scaling.data_path_text([]) == ""
 
 
 def test_odd_repeats_run_the_settings_in_reverse_order():

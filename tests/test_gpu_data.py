@@ -393,6 +393,8 @@ def test_engine_decoder_sets_up_once_pads_short_batches_and_leaves_the_rest_to_t
     pad = len(nvjpeg._reserve_jpeg(nvjpeg.PAD_SIDE, 0))
     assert batches[1] == ([800, 800, pad, pad], [300, 256, nvjpeg.PAD_SIDE, nvjpeg.PAD_SIDE])
     assert decoder._reserved == 4 and decoder._fits_bytes >= 256 * 1024
+    # host time per part, the wait for the process's decode lock apart from the call
+    assert decoder.seconds["batches"] == 2 and set(decoder.seconds) == {"batches", "probe", "copy", "lock", "decode"}
     calls.clear()
     big = decoder._fits_bytes + 1  # a bitstream longer than the buffers were sized for: the CPU's
     _, ok, _, _ = decoder.decode_packed(torch.zeros(2000 + big, dtype=torch.uint8),
@@ -605,6 +607,32 @@ def test_packed_decode_matches_the_list_path_and_reports_the_same():
     assert batch.rows[0, 0] == batch.flat.data_ptr() and batch.rows[:, 1:3].tolist() == [[72, 80], [72, 88], [72, 96], [72, 112]]
     for image, row in zip(batch.images(), batch.rows):
         assert image.data_ptr() == row[0] and tuple(image.shape[1:]) == tuple(row[1:3])
+
+
+def test_pipeline_adds_up_the_parts_a_decoder_times():
+    """A thread's own decoder that times its parts (tools.imagenet.nvjpeg: probe, copy, lock,
+    decode) has them added to the pipeline's stats per batch, whichever thread decoded it."""
+    class TimedPil(PackedPil):
+        kind = "timed"
+
+        def __init__(self):
+            self.seconds = {"batches": 0, "probe": 0.0, "copy": 0.0, "lock": 0.0, "decode": 0.0}
+
+        def decode_packed(self, data, offsets, frames=None):
+            for part, seconds in (("copy", 0.001), ("lock", 0.002), ("decode", 0.003), ("batches", 1)):
+                self.seconds[part] += seconds
+            return super().decode_packed(data, offsets, frames)
+
+    data, offsets = gd.pack_jpegs([_encode("jpeg", w=40 + 8 * i) for i in range(3)])
+    raws = [{"data": data, "offsets": offsets.numpy(), "labels": np.arange(3), "keys": list("abc")}] * 4
+    made = []
+    pool = gd.DecoderPool(make=lambda kind, device: made.append(TimedPil()) or made[-1])
+    pipe = gd.GpuBatchPipeline(raws, gd.GpuAugment(16, mode="center"), device="cpu", decoder="timed",
+                               threads=2, pool=pool)
+    assert len(list(pipe)) == 4 and 1 <= len(made) <= 2
+    assert pipe.stats["engine_copy_s"] == pytest.approx(0.004) and pipe.stats["engine_probe_s"] == 0
+    assert pipe.stats["engine_lock_s"] == pytest.approx(0.008)
+    assert pipe.stats["engine_decode_s"] == pytest.approx(0.012)
 
 
 def test_jpeg_frame_reads_sizes_and_what_the_engines_take():
@@ -884,6 +912,10 @@ def test_train_with_gpu_decode_reports_bad_samples(tmp_path):
     assert logged and all(0 <= r["raw_wait_ranks"][0] <= 1 and 0 <= r["decode_busy_ranks"][0] <= 1
                           for r in logged)
     assert any(r["decode_busy_ranks"][0] > 0 for r in logged)
+    # and each epoch's record its stages' host ms per batch, per rank
+    stages = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]["data_path_ms_per_batch"]
+    assert set(stages) == set(train.DATA_PATH_STAGES) and all(len(v) == 1 and v[0] >= 0 for v in stages.values())
+    assert stages["decode"][0] > 0 and stages["crop"][0] > 0
 
 
 def test_threaded_pipeline_runs_ahead_only_prefetch_batches():

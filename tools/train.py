@@ -290,6 +290,14 @@ class StopFlag:
             signal.signal(signal.SIGTERM, self.previous)
 
 
+# the GPU data path's stages in an epoch's record (ms of host time per batch, per rank) and their
+# gpu_data.GpuBatchPipeline.stats keys: the fetch thread waiting for the workers, a decode thread
+# decoding (of which, with the engine decoder: waiting for the process's decode lock, the decode
+# call, the pinned copy) and cropping
+DATA_PATH_STAGES = {"fetch": "fetch_s", "decode": "decode_s", "decode_lock": "engine_lock_s",
+                    "decode_call": "engine_decode_s", "decode_copy": "engine_copy_s", "crop": "augment_s"}
+
+
 class ProducerClock:
     """Host seconds the GPU data path's threads spent since the last lap (gpu_data.GpuBatchPipeline's
     stats): raw_wait, its fetch thread waiting for the loader workers; decode_busy, its decode
@@ -308,6 +316,13 @@ class ProducerClock:
         now = self._read()
         (fetch0, busy0), self.last = self.last, now
         return {"raw_wait": now[0] - fetch0, "decode_busy": (now[1] - busy0) / self.threads}
+
+    def per_batch_ms(self):
+        """Host ms per batch of each of DATA_PATH_STAGES so far; None without the GPU path's threads."""
+        if self.stats is None:
+            return None
+        batches = max(1, self.stats.get("batches", 0))
+        return [1000 * self.stats.get(key, 0.0) / batches for key in DATA_PATH_STAGES.values()]
 
 
 def train_epoch(epoch, model, optimizer, schedule, loader, device, mean, std, args, rank, world,
@@ -387,11 +402,18 @@ def train_epoch(epoch, model, optimizer, schedule, loader, device, mean, std, ar
     per_rank = torch.zeros(world, dtype=torch.float64, device=device)
     per_rank[rank] = steps
     loss_sum, c1, c5, count = total.tolist()
-    return {"train_loss": loss_sum / count, "train_top1_err": 100 * (1 - c1 / count),
-            "train_top5_err": 100 * (1 - c5 / count), "lr": lr,
-            "images_per_s": count / (time.perf_counter() - t_epoch),
-            "epoch_time_s": time.perf_counter() - t_epoch,
-            "steps_per_rank": [int(s) for s in all_reduce(per_rank).tolist()]}
+    record = {"train_loss": loss_sum / count, "train_top1_err": 100 * (1 - c1 / count),
+              "train_top5_err": 100 * (1 - c5 / count), "lr": lr,
+              "images_per_s": count / (time.perf_counter() - t_epoch),
+              "epoch_time_s": time.perf_counter() - t_epoch,
+              "steps_per_rank": [int(s) for s in all_reduce(per_rank).tolist()]}
+    stages_ms = producer.per_batch_ms()  # every rank has the same loader kind
+    if stages_ms is not None:
+        table = torch.zeros(len(DATA_PATH_STAGES), world, dtype=torch.float64, device=device)
+        table[:, rank] = torch.tensor(stages_ms, dtype=torch.float64)
+        record["data_path_ms_per_batch"] = {name: [round(v, 3) for v in row] for name, row in
+                                            zip(DATA_PATH_STAGES, all_reduce(table).tolist())}
+    return record
 
 
 def sync_buffers(model):

@@ -829,6 +829,9 @@ def _to_device(t, device):
 _DONE = object()
 
 
+ENGINE_PARTS = ("probe", "copy", "lock", "decode")
+
+
 class GpuBatchPipeline:
     """Raw batches in, ready (x, y) on `device` out, prepared ahead in side CUDA streams.
 
@@ -860,8 +863,11 @@ class GpuBatchPipeline:
         self.on_failure = on_failure or (lambda key, reason: warnings.warn(f"dropped {key}: {reason}"))
         self._lock = threading.Lock()
         # host seconds spent per stage by whoever prepares batches (enqueue time, not GPU time):
-        # tells which part of the producer limits the rate
-        self.stats = {"batches": 0, "fetch_s": 0.0, "decode_s": 0.0, "augment_s": 0.0}
+        # tells which part of the producer limits the rate; engine_*: the parts of decode_s in a
+        # thread's own decoder that times them (tools.imagenet.nvjpeg: header probes, pinned copy,
+        # waiting for the process's decode lock, the decode call)
+        self.stats = {"batches": 0, "fetch_s": 0.0, "decode_s": 0.0, "augment_s": 0.0,
+                      **{f"engine_{part}_s": 0.0 for part in ENGINE_PARTS}}
 
     def __len__(self):
         return len(self.batches)
@@ -925,11 +931,17 @@ class GpuBatchPipeline:
         # one buffer in, one out: a few operations per batch instead of a few per image
         packed = hasattr(decoder, "decode_packed") and isinstance(raw, dict) and "data" in raw
         blobs, labels, keys, pre, pre_labels = _fields(raw, unpack=not packed)
-        keep = []
+        keep, engine = [], {}
         if packed:
+            # a decoder shared by the threads adds up their calls at once: no per-batch parts then
+            timed = getattr(decoder, "seconds", None) if isinstance(self.decoder, str) else None
+            before = dict(timed) if isinstance(timed, dict) else None
             images, failures = decode_packed(raw["data"], raw["offsets"], keys, self.device, decoder,
                                              raw.get("frames"))
             keep = images.index.tolist()
+            if before is not None:
+                engine = {f"engine_{part}_s": timed.get(part, 0.0) - before.get(part, 0.0)
+                          for part in ENGINE_PARTS}
         elif blobs:
             images, failures = decode_jpegs(blobs, self.device, keys, decoder)
             keep = [i for i, im in enumerate(images) if im is not None]
@@ -947,7 +959,7 @@ class GpuBatchPipeline:
             raise ValueError("a batch with no decodable image: see the failures reported above")
         x = parts_x[0] if len(parts_x) == 1 else torch.cat(parts_x)
         y = _to_device(torch.cat(parts_y), self.device)
-        self._add(decode_s=t1 - t0, augment_s=time.perf_counter() - t1, batches=1)
+        self._add(decode_s=t1 - t0, augment_s=time.perf_counter() - t1, batches=1, **engine)
         return x, y
 
     def _fetch(self, it):

@@ -172,8 +172,9 @@ class NvjpegDecoder:
         self._info = (ctypes.c_int(), ctypes.c_int(), (ctypes.c_int * _MAX_COMPONENT)(),
                       (ctypes.c_int * _MAX_COMPONENT)())
         self._supported = ctypes.c_int()
-        # host seconds per part of decode_packed (header probes, pinned copy, the decode call)
-        self.seconds = {"batches": 0, "probe": 0.0, "copy": 0.0, "decode": 0.0}
+        # host seconds per part of decode_packed (header probes, pinned copy, waiting for the other
+        # decoders' turn at the decode call, the call with its set-up)
+        self.seconds = {"batches": 0, "probe": 0.0, "copy": 0.0, "lock": 0.0, "decode": 0.0}
         # inputs of batches the GPU may still read (nvJPEG copies them in stream order), with the
         # event after which they can go
         self._in_flight = collections.deque()
@@ -253,7 +254,9 @@ class NvjpegDecoder:
         # in this call at once beside a running step hung in it (bench/probe_engine.py; a 2-GPU
         # training run hung too, where was not caught: NOTES-gpu.md phase 5). The call only queues
         # the batch on the engines; the decoding itself still overlaps.
+        t3 = time.perf_counter()
         with _DECODE_LOCK:
+            t4 = time.perf_counter()
             if self._batch != len(table):
                 self._check(self._lib.nvjpegDecodeBatchedInitialize(self._handle, self._state, len(table), 1,
                                                                     _OUTPUT_RGB),
@@ -263,8 +266,9 @@ class NvjpegDecoder:
                                                       source_lengths.ctypes.data, table.ctypes.data,
                                                       ctypes.c_void_p(stream.cuda_stream)),
                         "nvjpegDecodeBatched")
-        t3 = time.perf_counter()
-        for key, seconds in (("probe", t1 - t0), ("copy", t2 - t1), ("decode", t3 - t2), ("batches", 1)):
+        t5 = time.perf_counter()
+        for key, seconds in (("probe", t1 - t0), ("copy", t2 - t1), ("lock", t4 - t3),
+                             ("decode", t5 - t2 - (t4 - t3)), ("batches", 1)):
             self.seconds[key] += seconds
         done = torch.cuda.Event()
         done.record(stream)
