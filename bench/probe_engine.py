@@ -2,9 +2,13 @@
 training step, with its host time split into header probes, the pinned copy and the decode call.
 
     python bench/probe_engine.py --images 5120          # GPU machine, under a minute
+    python bench/probe_engine.py --threads 2,3 --turns lock,free   # decoders taking turns or not
 
 Answers whether the decode call slows down beside the step (the GPU: nvJPEG waits on its own work
-per image) or the Python around it does (the GIL).
+per image) or the Python around it does (the GIL). --turns free runs each row again with the
+process's decoders entering nvJPEG's decode call at once (NvjpegDecoder(take_turns=False)): phase 5
+of bench/NOTES-gpu.md saw two of them hang in it beside a step, before the buffers were sized up
+front; a hang ends the probe with every thread's stack (faulthandler).
 """
 import argparse
 import faulthandler
@@ -24,11 +28,13 @@ from tools.imagenet.nvjpeg import NvjpegDecoder  # noqa: E402
 STEP_STREAM = []  # set by --step-sms: the step's stream on part of the SMs
 
 
-def run(batches, n_threads, seconds, step=None, crop=None):
+def run(batches, n_threads, seconds, step=None, crop=None, take_turns=True):
     """n_threads decode threads (own decoder and stream) for `seconds`, optionally beside a thread
     running `step` flat out: (decode img/s, step img/s, ms per batch per part)."""
+    # a row that takes 20 times its time hung (e.g. in nvJPEG's decode call): every thread's stack, exit
+    faulthandler.dump_traceback_later(seconds * 20 + 30, exit=True)
     stop = threading.Event()
-    decoders = [NvjpegDecoder("cuda") for _ in range(n_threads)]
+    decoders = [NvjpegDecoder("cuda", take_turns=take_turns) for _ in range(n_threads)]
     counts = [0] * (n_threads + 1)
 
     def decode(k):
@@ -102,7 +108,11 @@ def main():
     p.add_argument("--steps", default="eager", help="comma-separated kinds of step to run beside the "
                    "decode: eager (tools.train's), graph (tools.train --cuda-graphs: AlexNet-BN with "
                    "fused SGD captured as one CUDA graph, replayed)")
+    p.add_argument("--turns", default="lock", help="comma list: lock (the process's decoders take turns "
+                   "at the decode call, as in training) and/or free (they do not)")
     args = p.parse_args()
+    if not set(args.turns.split(",")) <= {"lock", "free"}:
+        p.error(f"--turns {args.turns}: give lock, free or both")
     kinds = args.steps.split(",")
     if not set(kinds) <= {"eager", "graph"}:
         p.error(f"--steps {args.steps}: give eager, graph or both")
@@ -121,22 +131,26 @@ def main():
     x = torch.randn(256, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (256,), device="cuda")
     aug = gd.GpuAugment(224, mode="rrc", mean=bl.MEAN, std=bl.STD, dtype=torch.bfloat16)
-    faulthandler.dump_traceback_later(args.seconds * 20, exit=True)
     rows = []
 
     def row(name, *result):
         rows.append((name, *result))
         print(name, result, flush=True)
     beside = [int(t) for t in args.threads.split(",")]
-    for threads in sorted({1, 2, 3} | set(beside)):
-        row(f"decode x{threads}", *run(batches, threads, args.seconds))
-    row("decode+crop x3", *run(batches, 3, args.seconds, crop=aug))
-    for kind in kinds:
-        step, name = steps[kind], "step" if kind == "eager" else f"{kind} step"
-        row(f"{name} alone", 0.0, run(batches, 0, args.seconds, step=lambda: step(x, y))[1], {})
-        for threads in beside:
-            row(f"{name} + decode x{threads}", *run(batches, threads, args.seconds, step=lambda: step(x, y)))
-        row(f"{name} + decode+crop x3", *run(batches, 3, args.seconds, step=lambda: step(x, y), crop=aug))
+    for turns in args.turns.split(","):
+        take, tag = turns == "lock", "" if turns == "lock" else ", free"
+        for threads in sorted({1, 2, 3} | set(beside)):
+            row(f"decode x{threads}{tag}", *run(batches, threads, args.seconds, take_turns=take))
+        row(f"decode+crop x3{tag}", *run(batches, 3, args.seconds, crop=aug, take_turns=take))
+        for kind in kinds:
+            step, name = steps[kind], "step" if kind == "eager" else f"{kind} step"
+            if turns == args.turns.split(",")[0]:
+                row(f"{name} alone", 0.0, run(batches, 0, args.seconds, step=lambda: step(x, y))[1], {})
+            for threads in beside:
+                row(f"{name} + decode x{threads}{tag}",
+                    *run(batches, threads, args.seconds, step=lambda: step(x, y), take_turns=take))
+            row(f"{name} + decode+crop x3{tag}",
+                *run(batches, 3, args.seconds, step=lambda: step(x, y), crop=aug, take_turns=take))
     print("\n| run | decode img/s | step img/s | host ms per batch: probe / copy / lock wait / decode call |\n|---|---|---|---|")
     for name, dec, st, parts in rows:
         split = " / ".join(str(parts.get(k, "-")) for k in gd.ENGINE_PARTS)

@@ -341,25 +341,33 @@ def test_engine_decoder_matches_nvjpeg_and_falls_back():
     assert all(torch.equal(a, b) for a, b in zip(ref, batch.images()[:6]))
 
 
-def test_engine_decoder_sets_up_once_pads_short_batches_and_leaves_the_rest_to_the_cpu(monkeypatch):
-    """The reservation logic without a GPU: libnvjpeg and the CUDA calls stubbed, the calls counted."""
+@pytest.fixture
+def stub_engine(monkeypatch):
+    """NvjpegDecoder without a GPU: libnvjpeg and the CUDA calls stubbed. Returns (make, calls,
+    batches): make(on_decode=None, take_turns=True) a decoder; calls the nvJPEG functions called
+    (after nvjpegDecodeBatchedInitialize, the batch size it set up for; "wait" for a host wait);
+    batches per nvjpegDecodeBatched its rows' (bitstream lengths, output widths); on_decode()
+    runs inside each nvjpegDecodeBatched."""
     import collections
     from tools.imagenet import nvjpeg
-    calls = []
-
-    batches = []  # per nvjpegDecodeBatched: (bitstream lengths, output widths) of its rows
+    calls, batches = [], []
 
     class Lib:  # every nvJPEG function succeeds and is recorded
+        def __init__(self, decoder, on_decode):
+            self.decoder, self.on_decode = decoder, on_decode
+
         def __getattr__(self, name):
             def call(*args):
                 calls.append(name)
                 if name == "nvjpegDecodeBatchedInitialize":
                     calls.append(args[2])  # the batch size the state is set up for
                 if name == "nvjpegDecodeBatched":
-                    rows = decoder._batch
+                    rows = self.decoder._batch
                     lengths = (ctypes.c_uint64 * rows).from_address(args[3])
                     table = (ctypes.c_uint64 * (rows * 8)).from_address(args[4])
                     batches.append((list(lengths), list(table)[4::8]))
+                    if self.on_decode is not None:
+                        self.on_decode()
                 return 0
             return call
 
@@ -377,12 +385,24 @@ def test_engine_decoder_sets_up_once_pads_short_batches_and_leaves_the_rest_to_t
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, device=None, **k: empty(*a, **k))
-    decoder = object.__new__(nvjpeg.NvjpegDecoder)
-    decoder.device, decoder.max_side, decoder.max_bytes = torch.device("cpu"), 768, 256 * 1024
-    decoder._reserved, decoder._fits_bytes, decoder._batch, decoder._pad_source = 0, 0, None, None
-    decoder._lib = decoder._fast = Lib()
-    decoder._handle = decoder._state = decoder._stream = None
-    decoder.seconds, decoder._in_flight = collections.Counter(), collections.deque()
+
+    def make(on_decode=None, take_turns=True):
+        decoder = object.__new__(nvjpeg.NvjpegDecoder)
+        decoder.device, decoder.max_side, decoder.max_bytes = torch.device("cpu"), 768, 256 * 1024
+        decoder._reserved, decoder._fits_bytes, decoder._batch, decoder._pad_source = 0, 0, None, None
+        decoder._lib = decoder._fast = Lib(decoder, on_decode)
+        decoder._handle = decoder._state = decoder._stream = None
+        decoder.seconds, decoder._in_flight = collections.Counter(), collections.deque()
+        decoder.take_turns = take_turns
+        return decoder
+    return make, calls, batches
+
+
+def test_engine_decoder_sets_up_once_pads_short_batches_and_leaves_the_rest_to_the_cpu(stub_engine):
+    """The reservation logic without a GPU: libnvjpeg and the CUDA calls stubbed, the calls counted."""
+    from tools.imagenet import nvjpeg
+    make, calls, batches = stub_engine
+    decoder = make()
     frames = np.array([[256, 300, 1], [256, 769, 1], [300, 256, 1], [256, 256, 0]])
     _, ok, sizes, _ = decoder.decode_packed(torch.zeros(3000, dtype=torch.uint8), np.array([0, 800, 1600, 2400, 3000]),
                                             frames)
@@ -409,6 +429,35 @@ def test_engine_decoder_sets_up_once_pads_short_batches_and_leaves_the_rest_to_t
     calls.clear()
     decoder.decode_packed(torch.zeros(2000, dtype=torch.uint8), np.arange(3) * 1000, frames[[0, 0]])
     assert calls == ["nvjpegDecodeBatchedInitialize", 2, "nvjpegDecodeBatched"] and batches[-1][0] == [1000] * 2
+
+
+@pytest.mark.parametrize("take_turns", [True, False])
+def test_engine_decoders_take_turns_at_the_decode_call_unless_told_not_to(stub_engine, take_turns):
+    """The process's decoders enter nvjpegDecodeBatched one at a time (phase 5's hang with two in
+    it at once); take_turns=False (bench/probe_engine.py --turns free) lets two in together."""
+    import threading
+    together = threading.Barrier(2, timeout=1.0)
+    make, _, _ = stub_engine
+    met = []
+
+    def meet():
+        if len(met) < 2:  # the reserving batches, then one batch each
+            try:
+                together.wait()
+                met.append(True)
+            except threading.BrokenBarrierError:
+                met.append(False)
+    decoders = [make(meet, take_turns) for _ in range(2)]
+    frames = np.array([[256, 256, 1]] * 2)
+
+    def work(decoder):
+        decoder.decode_packed(torch.zeros(2000, dtype=torch.uint8), np.arange(3) * 1000, frames)
+    threads = [threading.Thread(target=work, args=(d,)) for d in decoders]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert met == ([False, False] if take_turns else [True, True])
 
 
 def _engine_or_skip():

@@ -21,6 +21,7 @@ it. Images the batched hardware decode does not take (progressive, CMYK, 12-bit,
 come back as None (not ok): gpu_data.decode_jpegs / decode_packed decode those on the CPU.
 """
 import collections
+import contextlib
 import ctypes
 import functools
 import os
@@ -148,9 +149,13 @@ class NvjpegDecoder:
     (bench/probe_sync.py's baseline)."""
     kind = "engine"
 
-    def __init__(self, device="cuda", max_side=MAX_SIDE, max_bytes=MAX_BYTES):
+    def __init__(self, device="cuda", max_side=MAX_SIDE, max_bytes=MAX_BYTES, take_turns=True):
         self.device = torch.device(device)
         self.max_side, self.max_bytes = max_side, max_bytes
+        # take_turns=False lets this decoder into the decode call beside the process's others: only
+        # for bench/probe_engine.py --turns free, which asks whether phase 5's hang there is gone
+        # now that the buffers are sized up front (what each rank's 2 decode threads would gain)
+        self.take_turns = take_turns
         self._reserved, self._fits_bytes = 0, 0  # images and bytes per image the buffers are sized for
         self._pad_source = None  # pinned PAD_SIDE JPEG, made on the first short batch
         if self.device.type != "cuda":
@@ -255,7 +260,7 @@ class NvjpegDecoder:
         # training run hung too, where was not caught: NOTES-gpu.md phase 5). The call only queues
         # the batch on the engines; the decoding itself still overlaps.
         t3 = time.perf_counter()
-        with _DECODE_LOCK:
+        with _DECODE_LOCK if self.take_turns else contextlib.nullcontext():
             t4 = time.perf_counter()
             if self._batch != len(table):
                 self._check(self._lib.nvjpegDecodeBatchedInitialize(self._handle, self._state, len(table), 1,
