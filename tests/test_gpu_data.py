@@ -435,13 +435,14 @@ def test_engine_decoder_sets_up_once_pads_short_batches_and_leaves_the_rest_to_t
 def test_engine_decoders_take_turns_at_the_decode_call_unless_told_not_to(stub_engine, take_turns):
     """The process's decoders enter nvjpegDecodeBatched one at a time (phase 5's hang with two in
     it at once); take_turns=False (bench/probe_engine.py --turns free) lets two in together."""
+    import itertools
     import threading
     together = threading.Barrier(2, timeout=1.0)
     make, _, _ = stub_engine
-    met = []
+    met, entered = [], itertools.count()
 
     def meet():
-        if len(met) < 2:  # the reserving batches, then one batch each
+        if next(entered) < 2:  # the two decoders' first calls (their reserving batches) meet
             try:
                 together.wait()
                 met.append(True)
