@@ -22,6 +22,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from tools.imagenet.interval_meter import IntervalMeter  # noqa: E402
 from tools.make_mini import NOISE  # noqa: E402
 
 
@@ -58,10 +59,8 @@ def workflow_config(args):
     }
 
 
-# tools.train's per-rank shares of each log interval (tools.imagenet.interval_meter.IntervalMeter)
-RANK_SHARES = {"data_share_ranks": "data wait", "step_host_ranks": "host issuing steps",
-               "gpu_busy_ranks": "GPU busy in steps", "raw_wait_ranks": "fetch waiting for workers",
-               "decode_busy_ranks": "decode threads busy"}
+# tools.train's per-rank shares of each log interval, by their log field: what each says
+RANK_SHARES = {f"{name}_ranks": label for name, label in IntervalMeter.PER_RANK.items()}
 
 
 def train_rate(run_dir):

@@ -137,14 +137,15 @@ def main():
         rows.append((name, *result))
         print(name, result, flush=True)
     beside = [int(t) for t in args.threads.split(",")]
-    for turns in args.turns.split(","):
+    all_turns = args.turns.split(",")
+    for turns in all_turns:
         take, tag = turns == "lock", "" if turns == "lock" else ", free"
         for threads in sorted({1, 2, 3} | set(beside)):
             row(f"decode x{threads}{tag}", *run(batches, threads, args.seconds, take_turns=take))
         row(f"decode+crop x3{tag}", *run(batches, 3, args.seconds, crop=aug, take_turns=take))
         for kind in kinds:
             step, name = steps[kind], "step" if kind == "eager" else f"{kind} step"
-            if turns == args.turns.split(",")[0]:
+            if turns == all_turns[0]:  # the step alone once
                 row(f"{name} alone", 0.0, run(batches, 0, args.seconds, step=lambda: step(x, y))[1], {})
             for threads in beside:
                 row(f"{name} + decode x{threads}{tag}",

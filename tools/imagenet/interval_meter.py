@@ -76,7 +76,9 @@ class IntervalMeter:
     shares of each interval's `elapsed` (this rank's wall time). A rank that waits for data with its
     raw_wait near 1 is fed too slowly by its workers; with decode_busy near 1, by its decoders."""
 
-    PER_RANK = ("data_share", "step_host", "gpu_busy", "raw_wait", "decode_busy")
+    # each per-rank share (logged as <name>_ranks) and what it says, for tables of the logs
+    PER_RANK = {"data_share": "data wait", "step_host": "host issuing steps", "gpu_busy": "GPU busy in steps",
+                "raw_wait": "fetch waiting for workers", "decode_busy": "decode threads busy"}
 
     def __init__(self, device, rank, world, group=None):
         self.device, self.rank, self.world, self.group = device, rank, world, group
