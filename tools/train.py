@@ -139,10 +139,6 @@ def parse_args(argv=None):
       "(PyTorch's default: a pass per term, ~2x the memory traffic); the same arithmetic")
     a("--seed", type=int, default=0, help="seeds the weights, shard order, crops and dropout")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if present")
-    a("--gpu-per-process", action="store_true", help="each rank's process sees only its own GPU "
-      "(CUDA_VISIBLE_DEVICES narrowed to its LOCAL_RANK-th entry before CUDA starts, as Slurm's "
-      "--gpus-per-task=1) and drives it as cuda:0; by default every rank sees every GPU and drives "
-      "cuda:LOCAL_RANK, as torchrun leaves it")
     a("--parallel", default="ddp", choices=["ddp", "owt"], help="ddp: data parallel over the "
       "ranks; owt: data-parallel conv trunk, classifier neurons split over the ranks (one weird "
       "trick; archs with .features/.avgpool/.classifier, e.g. the seed's); on one process both "
@@ -678,7 +674,7 @@ def main(argv=None):
         before_process_group()
     if args.device != "cpu":
         nccl_protocol(args.nccl_proto)
-    rank, world, device = setup(args.device, args.gpu_per_process)
+    rank, world, device = setup(args.device)
     try:
         with StopFlag() as stop, work_stream(device, args.step_sms, world):
             return train(args, rank, world, device, stop)

@@ -7,37 +7,14 @@ import torch
 import torch.distributed as dist
 
 
-def own_gpu(environ=os.environ):
-    """Narrows CUDA_VISIBLE_DEVICES to this process's GPU, the LOCAL_RANK-th of those it lists (of
-    all GPUs where unset), as Slurm's --gpus-per-task=1 does; returns the GPU it names. The process
-    then drives cuda:0 and has no way to touch the other ranks' GPUs. Must run before CUDA starts
-    (the driver reads the variable once). A no-op outside torchrun (no LOCAL_RANK)."""
-    if "LOCAL_RANK" not in environ:
-        return None
-    local_rank = int(environ["LOCAL_RANK"])
-    listed = [g.strip() for g in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
-    if "CUDA_VISIBLE_DEVICES" in environ and local_rank >= len(listed):
-        raise SystemExit(f"error: local rank {local_rank} has no GPU in CUDA_VISIBLE_DEVICES="
-                         f"{environ['CUDA_VISIBLE_DEVICES']!r}")
-    mine = listed[local_rank] if listed else str(local_rank)
-    environ["CUDA_VISIBLE_DEVICES"] = mine
-    return mine
-
-
-def setup(device_name="auto", gpu_per_process=False):
+def setup(device_name="auto"):
     """(rank, world_size, device) from torchrun's variables; joins the process group when
-    WORLD_SIZE > 1. device_name: auto (cuda if available), cuda or cpu. gpu_per_process: each
-    process sees only its own GPU (own_gpu) and drives it as cuda:0."""
+    WORLD_SIZE > 1. device_name: auto (cuda if available), cuda or cpu."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if gpu_per_process and device_name != "cpu":
-        if torch.cuda.is_initialized():
-            raise RuntimeError("own_gpu must run before CUDA starts")
-        own_gpu()
     use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda asked for, but torch sees no CUDA GPU: use --device cpu")
-    index = 0 if gpu_per_process else int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", index) if use_cuda else torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
     if world > 1:
