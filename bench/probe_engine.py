@@ -7,8 +7,8 @@ training step, with its host time split into header probes, the pinned copy and 
 Answers whether the decode call slows down beside the step (the GPU: nvJPEG waits on its own work
 per image) or the Python around it does (the GIL). --turns free runs each row again with the
 process's decoders entering nvJPEG's decode call at once (NvjpegDecoder(take_turns=False)): phase 5
-of bench/NOTES-gpu.md saw two of them hang in it beside a step, before the buffers were sized up
-front; a hang ends the probe with every thread's stack (faulthandler).
+of bench/NOTES-gpu.md saw two of them hang in it beside a step, and phase 19 again, with the buffers
+sized up front (driver 580); a hang ends the probe with every thread's stack (faulthandler).
 """
 import argparse
 import faulthandler

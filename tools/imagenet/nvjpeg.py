@@ -153,8 +153,8 @@ class NvjpegDecoder:
         self.device = torch.device(device)
         self.max_side, self.max_bytes = max_side, max_bytes
         # take_turns=False lets this decoder into the decode call beside the process's others: only
-        # for bench/probe_engine.py --turns free, which asks whether phase 5's hang there is gone
-        # now that the buffers are sized up front (what each rank's 2 decode threads would gain)
+        # for bench/probe_engine.py --turns free, which checks whether phase 5's hang there is gone
+        # (on driver 580 it is not, although the buffers are sized up front: phase 19)
         self.take_turns = take_turns
         self._reserved, self._fits_bytes = 0, 0  # images and bytes per image the buffers are sized for
         self._pad_source = None  # pinned PAD_SIDE JPEG, made on the first short batch
