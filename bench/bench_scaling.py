@@ -303,9 +303,10 @@ def rank_shares(figures):
 
 def data_path_text(ranks):
     """A run's GPU data path, host ms per batch per rank (tools.train's data_path_ms_per_batch):
-    'fetch 5.1 decode 21.3 (lock 8.0 call 9.1 copy 1.2) crop 2.9 | ...'; '' on the CPU path."""
-    return " | ".join(f"fetch {r['fetch']:.1f} decode {r['decode']:.1f} (lock {r['decode_lock']:.1f} call "
-                      f"{r['decode_call']:.1f} copy {r['decode_copy']:.1f}) crop {r['crop']:.1f}" for r in ranks)
+    'fetch 5.1 decode 21.3 (copy 1.2 setup 0.7 lock 8.0 call 9.1) crop 2.9 | ...'; '' on the CPU path."""
+    return " | ".join(f"fetch {r['fetch']:.1f} decode {r['decode']:.1f} (copy {r['decode_copy']:.1f} setup "
+                      f"{r['decode_setup']:.1f} lock {r['decode_lock']:.1f} call {r['decode_call']:.1f}) "
+                      f"crop {r['crop']:.1f}" for r in ranks)
 
 
 def main(argv=None):

@@ -1,5 +1,6 @@
 """Probe: the engine decoder (tools.imagenet.nvjpeg) alone, in several threads, and beside a
-training step, with its host time split into header probes, the pinned copy and the decode call.
+training step, with its host time split into header probes, the pinned copy, the call's set-up,
+the wait for the decode lock and the decode call.
 
     python bench/probe_engine.py --images 5120          # GPU machine, under a minute
     python bench/probe_engine.py --threads 2,3 --turns lock,free   # decoders taking turns or not
@@ -152,7 +153,7 @@ def main():
                     *run(batches, threads, args.seconds, step=lambda: step(x, y), take_turns=take))
             row(f"{name} + decode+crop x3{tag}",
                 *run(batches, 3, args.seconds, step=lambda: step(x, y), crop=aug, take_turns=take))
-    print("\n| run | decode img/s | step img/s | host ms per batch: probe / copy / lock wait / decode call |\n|---|---|---|---|")
+    print("\n| run | decode img/s | step img/s | host ms per batch: probe / copy / call set-up / lock wait / decode call |\n|---|---|---|---|")
     for name, dec, st, parts in rows:
         split = " / ".join(str(parts.get(k, "-")) for k in gd.ENGINE_PARTS)
         print(f"| {name} | {dec:.0f} | {st:.0f} | {split} |")

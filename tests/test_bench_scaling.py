@@ -101,10 +101,11 @@ def test_summary_is_written_after_each_run_even_before_the_baseline(tmp_path):
 
 
 def test_data_path_text_names_each_ranks_stages():
-    rank = {"fetch": 5.06, "decode": 21.3, "decode_lock": 8.0, "decode_call": 9.14, "decode_copy": 1.2, "crop": 2.9}
+    rank = {"fetch": 5.06, "decode": 21.3, "decode_copy": 1.2, "decode_setup": 0.74, "decode_lock": 8.0,
+            "decode_call": 9.14, "crop": 2.9}
     assert bench_scaling.data_path_text([rank, {**rank, "decode": 27.0}]) == (
-        "fetch 5.1 decode 21.3 (lock 8.0 call 9.1 copy 1.2) crop 2.9 | "
-        "fetch 5.1 decode 27.0 (lock 8.0 call 9.1 copy 1.2) crop 2.9")
+        "fetch 5.1 decode 21.3 (copy 1.2 setup 0.7 lock 8.0 call 9.1) crop 2.9 | "
+        "fetch 5.1 decode 27.0 (copy 1.2 setup 0.7 lock 8.0 call 9.1) crop 2.9")
     assert bench_scaling.data_path_text([]) == ""
 
 

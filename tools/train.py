@@ -294,8 +294,9 @@ class StopFlag:
 # gpu_data.GpuBatchPipeline.stats keys: the fetch thread waiting for the workers, a decode thread
 # decoding (of which, with the engine decoder: waiting for the process's decode lock, the decode
 # call, the pinned copy) and cropping
-DATA_PATH_STAGES = {"fetch": "fetch_s", "decode": "decode_s", "decode_lock": "engine_lock_s",
-                    "decode_call": "engine_decode_s", "decode_copy": "engine_copy_s", "crop": "augment_s"}
+DATA_PATH_STAGES = {"fetch": "fetch_s", "decode": "decode_s", "decode_copy": "engine_copy_s",
+                    "decode_setup": "engine_setup_s", "decode_lock": "engine_lock_s",
+                    "decode_call": "engine_decode_s", "crop": "augment_s"}
 
 
 class ProducerClock:

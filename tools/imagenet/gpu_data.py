@@ -829,7 +829,7 @@ def _to_device(t, device):
 _DONE = object()
 
 
-ENGINE_PARTS = ("probe", "copy", "lock", "decode")
+ENGINE_PARTS = ("probe", "copy", "setup", "lock", "decode")
 
 
 class GpuBatchPipeline:
@@ -865,7 +865,7 @@ class GpuBatchPipeline:
         # host seconds spent per stage by whoever prepares batches (enqueue time, not GPU time):
         # tells which part of the producer limits the rate; engine_*: the parts of decode_s in a
         # thread's own decoder that times them (tools.imagenet.nvjpeg: header probes, pinned copy,
-        # waiting for the process's decode lock, the decode call)
+        # the call's set-up, waiting for the process's decode lock, the decode call)
         self.stats = {"batches": 0, "fetch_s": 0.0, "decode_s": 0.0, "augment_s": 0.0,
                       **{f"engine_{part}_s": 0.0 for part in ENGINE_PARTS}}
 
