@@ -4,15 +4,24 @@ the wait for the decode lock and the decode call.
 
     python bench/probe_engine.py --images 5120          # GPU machine, under a minute
     python bench/probe_engine.py --threads 2,3 --turns lock,free   # decoders taking turns or not
+    python bench/probe_engine.py --threads 2 --loads gil,gpu --states 1,2   # what slows the call
 
 Answers whether the decode call slows down beside the step (the GPU: nvJPEG waits on its own work
 per image) or the Python around it does (the GIL). --turns free runs each row again with the
 process's decoders entering nvJPEG's decode call at once (NvjpegDecoder(take_turns=False)): phase 5
 of bench/NOTES-gpu.md saw two of them hang in it beside a step, and phase 19 again, with the buffers
 sized up front (driver 580); a hang ends the probe with every thread's stack (faulthandler).
+
+Beside a step the decode call takes 2-3 times as long as alone, and in a DDP rank longer still
+(phase 19). --loads asks which half of the step does it: "gil" runs pure Python beside the decode
+(holds the GIL, no GPU work: the call ends only once its thread has the GIL back), "gpu"
+back-to-back bf16 matmuls (every SM busy, one Python operation a millisecond: the decode's GPU work
+queues behind them). --states N gives each thread N decoders used in turn: if the call waits for
+the GPU to finish the previous batch of the same nvJPEG state, it waits less.
 """
 import argparse
 import faulthandler
+import functools
 import sys
 import threading
 import time
@@ -29,13 +38,15 @@ from tools.imagenet.nvjpeg import NvjpegDecoder  # noqa: E402
 STEP_STREAM = []  # set by --step-sms: the step's stream on part of the SMs
 
 
-def run(batches, n_threads, seconds, step=None, crop=None, take_turns=True):
-    """n_threads decode threads (own decoder and stream) for `seconds`, optionally beside a thread
-    running `step` flat out: (decode img/s, step img/s, ms per batch per part)."""
+def run(batches, n_threads, seconds, step=None, crop=None, take_turns=True, per_call=256, states=1):
+    """n_threads decode threads (own stream, `states` decoders each, used in turn) for `seconds`,
+    optionally beside a thread calling `step` flat out: (decode img/s, step calls/s x per_call, ms per
+    batch per part)."""
     # a row that takes 20 times its time hung (e.g. in nvJPEG's decode call): every thread's stack, exit
     faulthandler.dump_traceback_later(seconds * 20 + 30, exit=True)
     stop = threading.Event()
-    decoders = [NvjpegDecoder("cuda", take_turns=take_turns) for _ in range(n_threads)]
+    mine = [[NvjpegDecoder("cuda", take_turns=take_turns) for _ in range(states)] for _ in range(n_threads)]
+    decoders = [d for ds in mine for d in ds]
     counts = [0] * (n_threads + 1)
 
     def decode(k):
@@ -43,7 +54,8 @@ def run(batches, n_threads, seconds, step=None, crop=None, take_turns=True):
             j, pending = k, []
             while not stop.is_set():
                 data, offsets = batches[j % len(batches)]
-                out = gd.decode_packed(data, offsets, [""] * (len(offsets) - 1), "cuda", decoders[k])[0]
+                decoder = mine[k][(j // n_threads) % states]
+                out = gd.decode_packed(data, offsets, [""] * (len(offsets) - 1), "cuda", decoder)[0]
                 if crop is not None:
                     crop(out, j)
                 # at most two batches ahead of the GPU, as the pipeline's slots allow
@@ -57,10 +69,12 @@ def run(batches, n_threads, seconds, step=None, crop=None, take_turns=True):
 
     def train():
         with torch.cuda.stream(STEP_STREAM[0] if STEP_STREAM else torch.cuda.Stream()):
+            calls = 0
             while not stop.is_set():
                 step()
-                counts[-1] += 256
-                if counts[-1] % 2560 == 0:  # a bounded queue, as a training loop has
+                counts[-1] += per_call
+                calls += 1
+                if calls % 10 == 0:  # a bounded queue, as a training loop has
                     torch.cuda.current_stream().synchronize()
             torch.cuda.current_stream().synchronize()
     threads = [threading.Thread(target=decode, args=(k,)) for k in range(n_threads)]
@@ -100,6 +114,32 @@ def train_step(kind):
     return eager_step(model, opt, torch.bfloat16, torch.device("cuda"))
 
 
+def step_name(kind):
+    return "step" if kind == "eager" else f"{kind} step"
+
+
+def gil_load():
+    """Pure Python, about a millisecond a call: holds the GIL (but for the interpreter's switch
+    interval) and gives the GPU nothing."""
+    def call():
+        total = 0
+        for i in range(20000):
+            total += i * i
+        return total
+    return call
+
+
+def gpu_load():
+    """One bf16 8192 x 8192 matmul a call: about a millisecond of every SM on an H100/H200 for one
+    Python operation (little GIL)."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b, out = torch.randn_like(a), torch.empty_like(a)
+    return functools.partial(torch.mm, a, b, out=out)
+
+
+LOADS = {"gil": gil_load, "gpu": gpu_load}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--images", type=int, default=5120)
@@ -111,9 +151,20 @@ def main():
                    "fused SGD captured as one CUDA graph, replayed)")
     p.add_argument("--turns", default="lock", help="comma list: lock (the process's decoders take turns "
                    "at the decode call, as in training) and/or free (they do not)")
+    p.add_argument("--loads", default="", help="comma list of loads beside the decode (x --threads) "
+                   "instead of a step: gil (pure Python) and/or gpu (bf16 matmuls); their rate is "
+                   "in calls/s")
+    p.add_argument("--states", default="1", help="comma list: decoders per decode thread, used in turn "
+                   "(each row runs once per value)")
     args = p.parse_args()
     if not set(args.turns.split(",")) <= {"lock", "free"}:
         p.error(f"--turns {args.turns}: give lock, free or both")
+    loads = [x for x in args.loads.split(",") if x]
+    if not set(loads) <= set(LOADS):
+        p.error(f"--loads {args.loads}: give {' and/or '.join(LOADS)}")
+    all_states = [int(n) for n in args.states.split(",")]
+    if min(all_states) < 1:
+        p.error("--states: give numbers of at least 1")
     kinds = args.steps.split(",")
     if not set(kinds) <= {"eager", "graph"}:
         p.error(f"--steps {args.steps}: give eager, graph or both")
@@ -139,21 +190,29 @@ def main():
         print(name, result, flush=True)
     beside = [int(t) for t in args.threads.split(",")]
     all_turns = args.turns.split(",")
-    for turns in all_turns:
-        take, tag = turns == "lock", "" if turns == "lock" else ", free"
-        for threads in sorted({1, 2, 3} | set(beside)):
-            row(f"decode x{threads}{tag}", *run(batches, threads, args.seconds, take_turns=take))
-        row(f"decode+crop x3{tag}", *run(batches, 3, args.seconds, crop=aug, take_turns=take))
-        for kind in kinds:
-            step, name = steps[kind], "step" if kind == "eager" else f"{kind} step"
-            if turns == all_turns[0]:  # the step alone once
-                row(f"{name} alone", 0.0, run(batches, 0, args.seconds, step=lambda: step(x, y))[1], {})
-            for threads in beside:
-                row(f"{name} + decode x{threads}{tag}",
-                    *run(batches, threads, args.seconds, step=lambda: step(x, y), take_turns=take))
-            row(f"{name} + decode+crop x3{tag}",
-                *run(batches, 3, args.seconds, step=lambda: step(x, y), crop=aug, take_turns=take))
-    print("\n| run | decode img/s | step img/s | host ms per batch: probe / copy / call set-up / lock wait / decode call |\n|---|---|---|---|")
+    load_calls = {name: LOADS[name]() for name in loads}
+    for kind in kinds:  # each step, then each load, alone once
+        row(f"{step_name(kind)} alone", 0.0, run(batches, 0, args.seconds, step=lambda: steps[kind](x, y))[1], {})
+    for name, call in load_calls.items():
+        row(f"{name} load alone (calls/s)", 0.0, run(batches, 0, args.seconds, step=call, per_call=1)[1], {})
+    for states in all_states:
+        for turns in all_turns:
+            take = turns == "lock"
+            tag = ("" if take else ", free") + (f", {states} states" if states > 1 else "")
+            go = functools.partial(run, batches, seconds=args.seconds, take_turns=take, states=states)
+            for threads in sorted({1, 2, 3} | set(beside)):
+                row(f"decode x{threads}{tag}", *go(threads))
+            row(f"decode+crop x3{tag}", *go(3, crop=aug))
+            for kind in kinds:
+                step = functools.partial(steps[kind], x, y)
+                for threads in beside:
+                    row(f"{step_name(kind)} + decode x{threads}{tag}", *go(threads, step=step))
+                row(f"{step_name(kind)} + decode+crop x3{tag}", *go(3, step=step, crop=aug))
+            for name, call in load_calls.items():
+                for threads in beside:
+                    row(f"{name} load + decode x{threads}{tag}", *go(threads, step=call, per_call=1))
+    print("\n| run | decode img/s | step img/s (loads: calls/s) | host ms per batch: probe / copy / call "
+          "set-up / lock wait / decode call |\n|---|---|---|---|")
     for name, dec, st, parts in rows:
         split = " / ".join(str(parts.get(k, "-")) for k in gd.ENGINE_PARTS)
         print(f"| {name} | {dec:.0f} | {st:.0f} | {split} |")

@@ -1,0 +1,65 @@
+"""bench/probe_engine.py's threads on the CPU: the decoder and CUDA calls stubbed, what each thread
+decodes with and what a load beside it counts."""
+import contextlib
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import probe_engine  # noqa: E402
+
+
+class _Stub:
+    """Stands in for a CUDA stream or event: nothing to wait for."""
+
+    def record(self, *_):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+def test_each_decode_thread_uses_its_decoders_in_turn_and_a_load_counts_calls(monkeypatch):
+    made, used, lock = [], [], threading.Lock()
+
+    class Decoder:
+        def __init__(self, device, take_turns=True):
+            self.take_turns = take_turns
+            self.seconds = dict.fromkeys(("batches", "probe", "copy", "setup", "lock", "decode"), 0.0)
+            made.append(self)
+
+    def decode_packed(data, offsets, keys, device, decoder):
+        with lock:
+            used.append((threading.current_thread().name, made.index(decoder)))
+        decoder.seconds["batches"] += 1
+        return torch.zeros(1), []
+
+    monkeypatch.setattr(probe_engine, "NvjpegDecoder", Decoder)
+    monkeypatch.setattr(probe_engine.gd, "decode_packed", decode_packed)
+    monkeypatch.setattr(torch.cuda, "Stream", _Stub)
+    monkeypatch.setattr(torch.cuda, "Event", _Stub)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: _Stub())
+    monkeypatch.setattr(probe_engine.faulthandler, "dump_traceback_later", lambda *a, **k: None)
+    batches = [(torch.zeros(10, dtype=torch.uint8), np.array([0, 5, 10]))]
+    calls = []
+    decode_rate, load_rate, parts = probe_engine.run(batches, 2, 0.2, step=lambda: calls.append(1),
+                                                     take_turns=False, per_call=1, states=2)
+    assert len(made) == 4 and not any(d.take_turns for d in made)
+    by_thread = {}
+    for name, k in used:
+        by_thread.setdefault(name, []).append(k)
+    # two threads, each with two decoders of its own, alternating batch by batch
+    assert len(by_thread) == 2 and {tuple(sorted(set(ks))) for ks in by_thread.values()} == {(0, 1), (2, 3)}
+    assert all(ks[i] != ks[i + 1] for ks in by_thread.values() for i in range(len(ks) - 1))
+    assert decode_rate > 0 and set(parts) == set(probe_engine.gd.ENGINE_PARTS)
+    # the load's rate is its calls per second (per_call=1), not 256 images per call
+    assert 0 < load_rate <= len(calls) / 0.2 + 1
+
+
+def test_the_gil_load_is_pure_python():
+    assert probe_engine.gil_load()() == sum(i * i for i in range(20000))
+    assert set(probe_engine.LOADS) == {"gil", "gpu"}
