@@ -113,6 +113,9 @@ def parse_args(argv=None):
       "(nvImageCodec; needs nvidia-nvimgcodec) or auto (engine where the GPU has one, else nvjpeg)")
     a("--decode-threads", type=int, default=2, help="--decode gpu: host threads decoding and "
       "cropping batches ahead, each with its own CUDA stream")
+    a("--decoders-per-thread", type=int, default=1, help="--decode gpu: decoders each decode thread "
+      "uses in turn, batch by batch (experimental: whether the decode call waits less when its "
+      "decoder's previous batch has had longer on the GPU; bench/probe_engine.py --states)")
     a("--gpu-prefetch", type=int, default=GPU_PREFETCH, help="--decode gpu: decoded batches kept ready "
       "beyond the ones being decoded (~77 MB each for 256 AlexNet crops in bf16): the slack that "
       "absorbs the data path's stalls, which under DDP would stall every rank (8 against 3: 2-GPU "
@@ -202,7 +205,7 @@ def parse_args(argv=None):
     a("--resume", action="store_true", help="continue from the newest model_NNN.pt in --out "
       "(starts fresh when there is none)")
     args = p.parse_args(argv)
-    for name in ("epochs", "batch_size", "crop_size", "log_every", "gpu_prefetch"):
+    for name in ("epochs", "batch_size", "crop_size", "log_every", "gpu_prefetch", "decoders_per_thread"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.step_alone < 0:
@@ -605,7 +608,8 @@ def train(args, rank, world, device, stop):
                                       channels_last=args.channels_last)
             loader = gpu_data.GpuBatchPipeline(loader, aug, device, threads=args.decode_threads,
                                                prefetch=args.gpu_prefetch,
-                                               on_failure=bad_log, decoder=decoder, pool=decoders)
+                                               on_failure=bad_log, decoder=decoder, pool=decoders,
+                                               decoders_per_thread=args.decoders_per_thread)
         # the window skips the warm-up (cuDNN autotuning) where the epoch is long enough
         profiler = StepProfiler(out, rank, args.profile_steps if epoch == start else 0,
                                 skip=min(30, n // 3), gpu_only=args.profile_gpu_only)
