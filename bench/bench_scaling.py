@@ -114,14 +114,14 @@ def run_order(settings, repeat):
     return list(reversed(settings)) if repeat % 2 else list(settings)
 
 
-def sample_gil(proc, out, raw, seconds, timeout):
-    """Once `proc` (a training run writing to `out`) logs its first line of epoch 2, py-spy samples
-    the thread holding the GIL in it and its children for `seconds` into `raw`: the steady state,
-    not the start-up's imports."""
-    deadline = time.monotonic() + timeout
-    metrics = out / "metrics.jsonl"
+def sample_gil(proc, out, log, raw, seconds, stall):
+    """Once `proc` (a training run writing to `out`, its output to `log`) logs its first line of
+    epoch 2, py-spy samples the thread holding the GIL in it and its children for `seconds` into
+    `raw`: the steady state, not the start-up's imports. Gives up when the run ends first or its
+    log stays still for `stall` seconds."""
+    metrics, idle = out / "metrics.jsonl", idle_clock(log)
     while not (metrics.is_file() and '"epoch": 2' in metrics.read_text()):
-        if proc.poll() is not None or time.monotonic() > deadline:
+        if proc.poll() is not None or idle() > stall:
             raise SystemExit(f"error: the run for --gil ended or stalled before epoch 2 ({out})")
         time.sleep(0.2)
     subprocess.run([shutil.which("py-spy"), "record", "--pid", str(proc.pid), "--gil", "--nonblocking",
@@ -160,16 +160,26 @@ def stacks_digest(text, frames=6):
     return "\n".join(out)
 
 
+def idle_clock(path):
+    """A callable: seconds since `path` last changed size, as seen by its calls (the first call
+    starts the clock)."""
+    seen = {"size": -1, "at": time.monotonic()}
+
+    def idle():
+        size = path.stat().st_size if path.exists() else 0
+        if size != seen["size"]:
+            seen.update(size=size, at=time.monotonic())
+        return time.monotonic() - seen["at"]
+    return idle
+
+
 def wait_progressing(proc, log, stall):
     """proc's exit code once it ends, or None once `log` (its output) has not grown for `stall`
     seconds: a hung run, told from a slow one that still logs its intervals (phase 14 of
     bench/NOTES-gpu.md: a run at a third of the usual rate had been counted as hung)."""
-    size, last = -1, time.monotonic()
+    idle = idle_clock(log)
     while (code := proc.poll()) is None:
-        now = log.stat().st_size if log.exists() else 0
-        if now != size:
-            size, last = now, time.monotonic()
-        elif time.monotonic() - last > stall:
+        if idle() > stall:
             return None
         time.sleep(0.2)
     return code
@@ -201,7 +211,7 @@ def run_once(args, shards, label, gpus, flags, env=None, independent=False, gil_
                                                         stderr=subprocess.STDOUT, start_new_session=True)))
         try:
             if gil_raw is not None:
-                sample_gil(runs[0][2], runs[0][0], gil_raw, args.gil_seconds, args.timeout)
+                sample_gil(runs[0][2], runs[0][0], runs[0][1], gil_raw, args.gil_seconds, args.timeout)
             for out, log, proc in runs:
                 code = wait_progressing(proc, log, args.timeout)
                 if code is None:

@@ -143,6 +143,40 @@ def test_a_hung_run_is_counted_killed_with_its_children_and_the_others_go_on(tmp
         pytest.fail(f"child {pid} of the hung run is still alive")
 
 
+def test_the_gil_sampler_waits_for_epoch_2_while_the_run_logs_and_gives_up_when_it_stalls(tmp_path, monkeypatch):
+    """--gil: py-spy starts once the run logs epoch 2. A run whose first epoch takes longer than
+    --timeout but keeps logging is waited for (the timeout is for silence, as for a hung run)."""
+    out, log, raw = tmp_path / "run", tmp_path / "run.log", tmp_path / "gil.txt"
+    out.mkdir()
+    slow = ("import json, time, sys\n"
+            "for i in range(8):\n    print(i, flush=True); time.sleep(0.3)\n"
+            f"open({str(out / 'metrics.jsonl')!r}, 'w').write(json.dumps({{'epoch': 2}}) + '\\n')\n"
+            "time.sleep(30)")
+    spied = []
+    monkeypatch.setattr(bench_scaling.shutil, "which", lambda name: f"/bin/{name}")
+    monkeypatch.setattr(bench_scaling.subprocess, "run", lambda cmd, **kw: spied.append(cmd))
+    with open(log, "w") as f:  # 2.4 s before epoch 2, a line every 0.3 s: longer than the stall allowed
+        proc = subprocess.Popen([sys.executable, "-c", slow], stdout=f)
+    try:
+        bench_scaling.sample_gil(proc, out, log, raw, seconds=5, stall=1.5)
+        assert len(spied) == 1 and spied[0][:3] == ["/bin/py-spy", "record", "--pid"]
+    finally:
+        proc.kill()
+        proc.wait()
+    (out / "metrics.jsonl").unlink()
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-c", "print('started', flush=True); import time; time.sleep(60)"],
+                                stdout=f)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(SystemExit, match="stalled before epoch 2"):
+            bench_scaling.sample_gil(proc, out, log, raw, seconds=5, stall=1.5)
+        assert time.monotonic() - t0 < 10 and len(spied) == 1
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_a_slow_run_that_still_logs_is_not_hung_a_silent_one_is(tmp_path):
     log = tmp_path / "run.log"
     slow = "import time\nfor i in range(8):\n    print(i, flush=True); time.sleep(0.4)"
