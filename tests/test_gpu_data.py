@@ -398,6 +398,21 @@ def stub_engine(monkeypatch):
     return make, calls, batches
 
 
+def test_engine_decoder_reads_pinned_bytes_in_place_and_copies_the_others(stub_engine, monkeypatch):
+    """A batch already in pinned memory (the DataLoader's pin thread, tools.train --pin-raw) goes to
+    the engines from where it is, kept alive until the GPU is done with it; other batches are
+    copied into a pinned buffer first."""
+    make, _, _ = stub_engine
+    decoder = make()
+    frames = np.array([[256, 300, 1], [300, 256, 1]])
+    for pinned in (False, True):
+        monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self, *a, pinned=pinned: pinned)
+        data = torch.zeros(2000, dtype=torch.uint8)
+        decoder.decode_packed(data, np.array([0, 800, 1600]), frames)
+        staging = decoder._in_flight[-1][1][0]
+        assert (staging.data_ptr() == data.data_ptr()) == pinned and staging.numel() == 1600
+
+
 def test_engine_decoder_sets_up_once_pads_short_batches_and_leaves_the_rest_to_the_cpu(stub_engine):
     """The reservation logic without a GPU: libnvjpeg and the CUDA calls stubbed, the calls counted."""
     from tools.imagenet import nvjpeg
@@ -1118,22 +1133,31 @@ def test_train_keeps_validation_decoders_apart_from_the_epochs():
     assert train_pool.take("engine", "cuda:0") is first
 
 
-def test_train_hands_gpu_prefetch_and_decoders_per_thread_to_the_pipeline(tmp_path, monkeypatch):
+def test_train_hands_its_data_path_flags_to_the_pipeline_and_loaders(tmp_path, monkeypatch):
     info = write_shards(tmp_path / "shards", train_counts=[10, 7], val_counts=[5, 4])
-    made = []
+    made, pins = [], []
 
     class Recording(gd.GpuBatchPipeline):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             made.append((self.prefetch, self.decoders_per_thread))
 
+    def recording(make):
+        def loader(*args, **kwargs):
+            pins.append(kwargs["pin_raw"])
+            return make(*args, **kwargs)
+        return loader
+
     monkeypatch.setattr(gd, "GpuBatchPipeline", Recording)
+    monkeypatch.setattr(train, "train_loader", recording(train.train_loader))
+    monkeypatch.setattr(train, "val_loader", recording(train.val_loader))
     assert train.main(["--shards", str(info["dir"]), "--out", str(tmp_path / "run"), "--arch",
                        "mobilenet_v3_small", "--crop-size", "64", "--batch-size", "8", "--epochs", "1",
                        "--device", "cpu", "--workers", "0", "--decode", "gpu", "--gpu-prefetch", "5",
-                       "--decoders-per-thread", "2"]) == 0
+                       "--decoders-per-thread", "2", "--pin-raw"]) == 0
     # validation (made first) keeps its defaults; the train pipeline takes the flags
     assert made == [(3, 1), (5, 2)]
+    assert pins == [True, True]  # validation's loader and the epoch's
     for flag in ("--gpu-prefetch", "--decoders-per-thread"):
         with pytest.raises(SystemExit):
             train.parse_args(["--shards", "s", "--out", "o", flag, "0"])

@@ -170,13 +170,21 @@ def test_workers_start_on_iter_not_on_first_batch(shards):
     assert len(list(it)) == len(loader)
 
 
-def test_gpu_decode_never_pins_raw_bytes(shards, monkeypatch):
+def test_gpu_decode_pins_raw_bytes_only_when_asked(shards, monkeypatch):
+    """By default the engine decoder copies each batch's bytes into pinned memory in its own thread;
+    pin_raw=True has the DataLoader's pin thread do it instead (the decoder then uses them as they
+    are), and only where there is CUDA."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a CUDA machine's defaults
     kw = dict(epoch=1, seed=0, rank=0, world_size=1, workers=0, crop_size=32)
     assert L.train_loader(shards["dir"], 4, **kw).pin_memory is True
     for fraction in (0.0, 0.5):
         assert L.train_loader(shards["dir"], 4, decode="gpu", cpu_fraction=fraction, **kw).pin_memory is False
+        assert L.train_loader(shards["dir"], 4, decode="gpu", cpu_fraction=fraction, pin_raw=True,
+                              **kw).pin_memory is True
     assert L.val_loader(shards["dir"], 4, 0, 1, 0, 32, decode="gpu").pin_memory is False
+    assert L.val_loader(shards["dir"], 4, 0, 1, 0, 32, decode="gpu", pin_raw=True).pin_memory is True
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert L.train_loader(shards["dir"], 4, decode="gpu", pin_raw=True, **kw).pin_memory is False
 
 
 def test_starting_a_loader_leaves_the_global_rng_alone(shards):

@@ -116,6 +116,10 @@ def parse_args(argv=None):
     a("--decoders-per-thread", type=int, default=1, help="--decode gpu: decoders each decode thread "
       "uses in turn, batch by batch (experimental: whether the decode call waits less when its "
       "decoder's previous batch has had longer on the GPU; bench/probe_engine.py --states)")
+    a("--pin-raw", action="store_true", help="--decode gpu: the DataLoader's pin thread copies each "
+      "raw batch's JPEG bytes into pinned memory, where the engine decoder reads them in place; by "
+      "default the decoder copies them in its own thread (experimental: frees the decode threads, "
+      "which limit a DDP rank's data path, of a copy per batch; bench/NOTES-gpu.md phase 19)")
     a("--gpu-prefetch", type=int, default=GPU_PREFETCH, help="--decode gpu: decoded batches kept ready "
       "beyond the ones being decoded (~77 MB each for 256 AlexNet crops in bf16): the slack that "
       "absorbs the data path's stalls, which under DDP would stall every rank (8 against 3: 2-GPU "
@@ -579,7 +583,7 @@ def train(args, rank, world, device, stop):
         if device.type == "cuda":  # (on a CPU the pipeline decodes without a decoder object)
             decoders, val_decoders = decoder_pools(first, device)
     val = val_loader(args.shards, args.val_batch_size or local_batch, rank, world, args.workers,
-                     args.crop_size, decode=decode)
+                     args.crop_size, decode=decode, pin_raw=args.pin_raw)
     if decode == "gpu":
         val = gpu_data.val_pipeline(val, device, args.crop_size, mean, std, on_failure=bad_log,
                                     decoder=decoder, pool=val_decoders)
@@ -600,7 +604,8 @@ def train(args, rank, world, device, stop):
         seed_all(args.seed * 100003 + epoch * 1009 + rank)  # dropout etc.: depends on epoch only
         loader = train_loader(args.shards, args.batch_size, epoch, args.seed, rank, world,
                               args.workers, args.crop_size, args.aug, args.shuffle_buffer,
-                              args.epoch_size, decode=decode, cpu_fraction=args.cpu_fraction)
+                              args.epoch_size, decode=decode, cpu_fraction=args.cpu_fraction,
+                              pin_raw=args.pin_raw)
         if decode == "gpu":  # crops seeded by seed, epoch and rank, like the CPU workers' crops
             aug = gpu_data.GpuAugment(args.crop_size, mode=args.aug, mean=mean, std=std,
                                       dtype=amp_dtype or torch.float32,

@@ -386,10 +386,11 @@ def batches_per_epoch(num_samples, global_batch_size, epoch_size=None):
 
 
 def train_loader(shards_dir, global_batch_size, epoch, seed, rank, world_size, workers, crop_size,
-                 aug="crop", shuffle_buffer=1000, epoch_size=None, decode="cpu", cpu_fraction=0.0):
+                 aug="crop", shuffle_buffer=1000, epoch_size=None, decode="cpu", cpu_fraction=0.0,
+                 pin_raw=False):
     """This rank's (uint8 NCHW, int64) batches of global_batch_size / world_size for one epoch;
     the same count on every rank. decode="gpu": raw batches instead (module docstring), of which
-    the workers decode and crop `cpu_fraction` on the CPU (hybrid)."""
+    the workers decode and crop `cpu_fraction` on the CPU (hybrid); pin_raw: see _pinning."""
     decode = resolve_decode(decode)
     if not 0.0 <= cpu_fraction <= 1.0:
         raise ValueError(f"cpu_fraction {cpu_fraction} is not between 0 and 1")
@@ -402,23 +403,31 @@ def train_loader(shards_dir, global_batch_size, epoch, seed, rank, world_size, w
     ds = TrainStream(str(shards_dir), _shard_list(manifest), global_batch_size // world_size,
                      epoch, seed, rank, world_size, workers, crop_size, aug, shuffle_buffer,
                      decode, cpu_fraction)
-    # decode="gpu": the raw JPEG bytes are read by the decoder's host stage, where pinning them only
-    # costs a copy; GpuBatchPipeline pins the small pre-decoded part itself.
-    return Loader(ds, workers, num_batches=n, pin_memory=None if decode == "cpu" else False)
+    return Loader(ds, workers, num_batches=n, pin_memory=_pinning(decode, pin_raw))
+
+
+def _pinning(decode, pin_raw):
+    """The Loader's pin_memory (None: where there is CUDA). Decoded batches are pinned for their
+    copy to the GPU. Raw batches (decode="gpu") only with pin_raw: by default the engine decoder
+    copies each batch's bytes into pinned memory in its decode thread (tools.imagenet.nvjpeg),
+    with pin_raw the DataLoader's pin thread does and the decoder reads them in place (other
+    decoders read the bytes on the host, where pinning only costs a copy); GpuBatchPipeline pins
+    the small pre-decoded part of a hybrid batch itself."""
+    return None if decode == "cpu" or pin_raw else False
 
 
 def val_loader(shards_dir, batch_size, rank, world_size, workers, crop_size, ten_crop=False,
-               decode="cpu"):
+               decode="cpu", pin_raw=False):
     """This rank's share of the val set as (uint8 NCHW center crops, int64) batches; the shares of
     all ranks cover every val image exactly once (they may differ in size). With ten_crop the
     images are uint8 N x 10 x C x H x W (see tools.imagenet.preprocess.ten_crop). decode="gpu":
-    raw batches for GpuBatchPipeline with a "center" GpuAugment."""
+    raw batches for GpuBatchPipeline with a "center" GpuAugment (pin_raw: see _pinning)."""
     decode = resolve_decode(decode, ten_crop)
     manifest = read_manifest(shards_dir, "val")
     ds = ValStream(str(shards_dir), _shard_list(manifest), batch_size, rank, world_size, workers,
                    crop_size, ten_crop, decode)
     count = sum(piece_samples(ds.pieces(w)) for w in range(ds.workers))
-    return Loader(ds, workers, num_samples=count, pin_memory=None if decode == "cpu" else False)
+    return Loader(ds, workers, num_samples=count, pin_memory=_pinning(decode, pin_raw))
 
 
 # One formula for every path (train, evaluate, predict): it lives in preprocess.
