@@ -54,6 +54,7 @@ from torchvision.io import ImageReadMode
 from torchvision.io import decode_jpeg as _tv_decode_jpeg
 
 from tools.imagenet.loader import decode_rgb
+from tools.imagenet.nvjpeg import PARTS as ENGINE_PARTS
 
 # torchvision 0.29 deprecates its image codecs in favour of torchcodec (a warning per call; 0.26
 # has none). Silenced per call because test runners reset module-level filters; the worst a race
@@ -827,9 +828,6 @@ def _to_device(t, device):
 
 
 _DONE = object()
-
-
-ENGINE_PARTS = ("probe", "copy", "setup", "lock", "decode")
 
 
 class GpuBatchPipeline:

@@ -53,6 +53,10 @@ MAX_BYTES = 256 * 1024
 # with a new count mid-run, as a decoder kept across pipelines (gpu_data.DecoderPool) would
 # otherwise do after validation's short last batch (a 2-GPU run with the pool hung: phase 16).
 PAD_SIDE = 256  # the prepared images' size, which the engines take
+# the parts of decode_packed's host time, in order, kept in NvjpegDecoder.seconds: header probes,
+# the pinned copy, the call's set-up in Python and numpy, waiting for the other decoders' turn at
+# the decode call, the call (which runs without the GIL and ends when this thread has it back)
+PARTS = ("probe", "copy", "setup", "lock", "decode")
 _LIB_NAMES = ("libnvjpeg.so.13", "libnvjpeg.so.12", "libnvjpeg.so.11", "libnvjpeg.so")
 
 
@@ -177,10 +181,7 @@ class NvjpegDecoder:
         self._info = (ctypes.c_int(), ctypes.c_int(), (ctypes.c_int * _MAX_COMPONENT)(),
                       (ctypes.c_int * _MAX_COMPONENT)())
         self._supported = ctypes.c_int()
-        # host seconds per part of decode_packed (header probes, pinned copy, the call's set-up in
-        # Python and numpy, waiting for the other decoders' turn at the decode call, the call, which
-        # runs without the GIL and ends when this thread has the GIL back)
-        self.seconds = {"batches": 0, "probe": 0.0, "copy": 0.0, "setup": 0.0, "lock": 0.0, "decode": 0.0}
+        self.seconds = {"batches": 0, **dict.fromkeys(PARTS, 0.0)}  # host seconds per part (PARTS)
         # inputs of batches the GPU may still read (nvJPEG copies them in stream order), with the
         # event after which they can go
         self._in_flight = collections.deque()
