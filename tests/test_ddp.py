@@ -1,6 +1,5 @@
 """tools/train.py under torchrun with gloo on the CPU: 2 ranks on one node, and 2 simulated nodes."""
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -150,17 +149,3 @@ def test_nccl_protocol_is_simple_unless_the_environment_or_auto_says_otherwise()
     assert nccl_protocol("Simple", env) == "LL128" and env == {"NCCL_PROTO": "LL128"}
     env = {}
     assert nccl_protocol("auto", env) == "auto" and env == {}
-
-
-def test_cpu_affinity_split_gives_each_rank_its_own_contiguous_share_of_the_cpus():
-    from tools import train
-    from tools.imagenet.distributed import pin_cpus, split_cpus
-    assert split_cpus({3, 0, 2, 1, 4}, 0, 2) == [0, 1] and split_cpus({3, 0, 2, 1, 4}, 1, 2) == [2, 3]
-    assert split_cpus({5}, 1, 2) == [5]  # fewer CPUs than ranks: all of them
-    assert train.parse_args(["--shards", "s", "--out", "o"]).cpu_affinity == "none"
-    before = os.sched_getaffinity(0)
-    try:
-        mine = pin_cpus({"LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"})
-        assert mine == split_cpus(before, 1, 2) and os.sched_getaffinity(0) == set(mine)
-    finally:
-        os.sched_setaffinity(0, before)

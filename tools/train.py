@@ -44,7 +44,7 @@ from tqdm import tqdm
 from tools.imagenet import checkpoint as ckpt
 from tools.imagenet.autotune import cudnn_searches, search_quietly, synthetic_step_rate
 from tools.imagenet.distributed import (AUTO_FREE_SMS, NCCL_PROTOCOLS, all_reduce, nccl_protocol,
-                                        pin_cpus, setup, work_stream)
+                                        setup, work_stream)
 from tools.imagenet.distributed import amp_dtype as autocast_dtype
 from tools.imagenet import fsutil
 from tools.imagenet.evaluation import evaluate
@@ -192,9 +192,6 @@ def parse_args(argv=None):
       "one host call per step instead of hundreds, for a host busy feeding the GPU. Captures "
       "again when the LR or weight decay changes; needs CUDA, --schedule regime or step, no "
       "--compile, --parallel ddp")
-    a("--cpu-affinity", default="none", choices=["split", "none"], help="split: each rank of a "
-      "multi-GPU run, with its threads and loader workers, on its own contiguous, equal share of "
-      "the CPUs the job may use; none: wherever the OS schedules them. Experimental")
     a("--step-sms", type=step_sms_setting, default=0, help="GPU: run the training step on a "
       "CUDA green context of about this many SMs (rounded by the driver, e.g. to 8 on H100/H200), "
       "leaving the rest to DDP's all-reduce kernels and the GPU data path's decode kernels, which "
@@ -687,10 +684,6 @@ def main(argv=None):
         before_process_group()
     if args.device != "cpu":
         nccl_protocol(args.nccl_proto)
-    if args.cpu_affinity == "split":  # before any thread or loader worker starts
-        cpus = pin_cpus()
-        print(f"rank {os.environ.get('RANK', 0)}: on CPUs {cpus[0]}-{cpus[-1]}" if cpus else
-              "--cpu-affinity split: this OS has no CPU affinity call", flush=True)
     rank, world, device = setup(args.device)
     try:
         with StopFlag() as stop, work_stream(device, args.step_sms, world):

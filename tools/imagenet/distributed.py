@@ -7,27 +7,6 @@ import torch
 import torch.distributed as dist
 
 
-def split_cpus(allowed, local_rank, local_world):
-    """This rank's share of the CPUs `allowed`: contiguous, equal shares (the remainder unused);
-    all of them when there is less than one CPU per rank."""
-    cpus = sorted(allowed)
-    share = len(cpus) // max(local_world, 1)
-    return cpus[local_rank * share:(local_rank + 1) * share] if share else cpus
-
-
-def pin_cpus(environ=os.environ):
-    """Keeps this rank, and the threads and loader workers it starts from now on, on its share of
-    the CPUs the job may use (split_cpus), as two 1-GPU runs under taskset are. Returns the CPUs
-    (None where the OS has no affinity call). Experimental (tools.train --cpu-affinity split): in
-    a 2-GPU run one rank's GPU decode call is slower than on one GPU (bench/NOTES-gpu.md phase 19)."""
-    if not hasattr(os, "sched_setaffinity"):
-        return None
-    mine = split_cpus(os.sched_getaffinity(0), int(environ.get("LOCAL_RANK", 0)),
-                      int(environ.get("LOCAL_WORLD_SIZE", 1)))
-    os.sched_setaffinity(0, mine)
-    return mine
-
-
 def setup(device_name="auto"):
     """(rank, world_size, device) from torchrun's variables; joins the process group when
     WORLD_SIZE > 1. device_name: auto (cuda if available), cuda or cpu."""
