@@ -1066,44 +1066,6 @@ def test_pipelines_sharing_a_pool_make_each_decoder_once_and_lend_it_to_one_thre
         assert len(list(pipe)) == 9 and len(pool) == idle + (len(made) - count)
 
 
-def test_a_thread_takes_turns_between_its_decoders_and_gives_them_all_back():
-    """decoders_per_thread=2: each decode thread alternates between two decoders of its own (so a
-    decoder's previous batch has had longer on the GPU before it is called again), all from the
-    pool and all given back when the iteration ends; none is shared between threads."""
-    import threading
-    made, uses, lock = [], [], threading.Lock()
-
-    class Decoder:
-        kind = "fake"
-
-        def __init__(self):
-            self.decode = gd.torchvision_gpu_decoder("cpu")
-
-        def __call__(self, tensors):
-            with lock:
-                uses.append((threading.current_thread().name, made.index(self)))
-            return self.decode(tensors)
-
-    pool = gd.DecoderPool(make=lambda kind, device: made.append(Decoder()) or made[-1])
-    raws = [{"jpegs": [_encode("jpeg", w=40 + i, h=30)], "labels": [i]} for i in range(12)]
-    for epoch in range(2):
-        for threads in (2, 0):
-            uses.clear()
-            pipe = gd.GpuBatchPipeline(raws, gd.GpuAugment(16, mode="center"), device="cpu", threads=threads,
-                                       decoder="fake", pool=pool, decoders_per_thread=2)
-            assert [int(y) for _, y in pipe] == list(range(12))
-            assert len(pool) == len(made)
-            by_thread = {}
-            for name, k in uses:
-                by_thread.setdefault(name, []).append(k)
-            for ks in by_thread.values():
-                assert len(set(ks)) == 2 and all(a != b for a, b in zip(ks, ks[1:]))
-            assert len({k for ks in by_thread.values() for k in set(ks)}) == 2 * len(by_thread)
-    assert len(made) <= 4  # made in the first epoch, taken from the pool afterwards
-    with pytest.raises(ValueError, match="decoders_per_thread"):
-        gd.GpuBatchPipeline(raws, gd.GpuAugment(16, mode="center"), device="cpu", decoders_per_thread=0)
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_engine_decoders_reserve_once_per_run_with_a_pool(monkeypatch):
     from tools.imagenet import nvjpeg
@@ -1140,7 +1102,7 @@ def test_train_hands_its_data_path_flags_to_the_pipeline_and_loaders(tmp_path, m
     class Recording(gd.GpuBatchPipeline):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            made.append((self.prefetch, self.decoders_per_thread))
+            made.append(self.prefetch)
 
     def recording(make):
         def loader(*args, **kwargs):
@@ -1154,13 +1116,11 @@ def test_train_hands_its_data_path_flags_to_the_pipeline_and_loaders(tmp_path, m
     assert train.main(["--shards", str(info["dir"]), "--out", str(tmp_path / "run"), "--arch",
                        "mobilenet_v3_small", "--crop-size", "64", "--batch-size", "8", "--epochs", "1",
                        "--device", "cpu", "--workers", "0", "--decode", "gpu", "--gpu-prefetch", "5",
-                       "--decoders-per-thread", "2", "--pin-raw"]) == 0
-    # validation (made first) keeps its defaults; the train pipeline takes the flags
-    assert made == [(3, 1), (5, 2)]
+                       "--pin-raw"]) == 0
+    assert made == [3, 5]  # validation (made first) keeps its default; the train pipeline takes the flag
     assert pins == [True, True]  # validation's loader and the epoch's
-    for flag in ("--gpu-prefetch", "--decoders-per-thread"):
-        with pytest.raises(SystemExit):
-            train.parse_args(["--shards", "s", "--out", "o", flag, "0"])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--shards", "s", "--out", "o", "--gpu-prefetch", "0"])
 
 
 def test_gpu_prefetch_defaults_to_the_measured_depth():

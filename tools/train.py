@@ -113,9 +113,6 @@ def parse_args(argv=None):
       "(nvImageCodec; needs nvidia-nvimgcodec) or auto (engine where the GPU has one, else nvjpeg)")
     a("--decode-threads", type=int, default=2, help="--decode gpu: host threads decoding and "
       "cropping batches ahead, each with its own CUDA stream")
-    a("--decoders-per-thread", type=int, default=1, help="--decode gpu: decoders each decode thread "
-      "uses in turn, batch by batch (experimental: whether the decode call waits less when its "
-      "decoder's previous batch has had longer on the GPU; bench/probe_engine.py --states)")
     a("--pin-raw", action="store_true", help="--decode gpu: the DataLoader's pin thread copies each "
       "raw batch's JPEG bytes into pinned memory, where the engine decoder reads them in place; by "
       "default the decoder copies them in its own thread (experimental: frees the decode threads, "
@@ -209,7 +206,7 @@ def parse_args(argv=None):
     a("--resume", action="store_true", help="continue from the newest model_NNN.pt in --out "
       "(starts fresh when there is none)")
     args = p.parse_args(argv)
-    for name in ("epochs", "batch_size", "crop_size", "log_every", "gpu_prefetch", "decoders_per_thread"):
+    for name in ("epochs", "batch_size", "crop_size", "log_every", "gpu_prefetch"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.step_alone < 0:
@@ -613,8 +610,7 @@ def train(args, rank, world, device, stop):
                                       channels_last=args.channels_last)
             loader = gpu_data.GpuBatchPipeline(loader, aug, device, threads=args.decode_threads,
                                                prefetch=args.gpu_prefetch,
-                                               on_failure=bad_log, decoder=decoder, pool=decoders,
-                                               decoders_per_thread=args.decoders_per_thread)
+                                               on_failure=bad_log, decoder=decoder, pool=decoders)
         # the window skips the warm-up (cuDNN autotuning) where the epoch is long enough
         profiler = StepProfiler(out, rank, args.profile_steps if epoch == start else 0,
                                 skip=min(30, n // 3), gpu_only=args.profile_gpu_only)

@@ -846,19 +846,13 @@ class GpuBatchPipeline:
     pool: a DecoderPool the threads take their decoders from and give them back to when the
     iteration ends (tools.train: one for its epochs, one for validation); None: each thread makes
     its own and drops it.
-    decoders_per_thread: how many decoders each thread takes and uses in turn, batch by batch
-    (experimental: a decoder's next batch then comes after its previous one has had longer on the
-    GPU; bench/probe_engine.py --states asks whether the decode call waits on that).
     priority: of the decode streams (-1: high, 0: normal). stall_timeout: seconds without a batch
     from the threads after which the consumer raises, with every thread's stack on stderr (a
     decoder stuck in a library call must not hang a training run silently)."""
 
     def __init__(self, batches, augment, device="cuda", prefetch=3, threads=1, decoder="auto",
-                 on_failure=None, priority=0, stall_timeout=600.0, pool=None, decoders_per_thread=1):
-        if decoders_per_thread < 1:
-            raise ValueError(f"decoders_per_thread must be at least 1, not {decoders_per_thread}")
+                 on_failure=None, priority=0, stall_timeout=600.0, pool=None):
         self.batches, self.augment, self.pool = batches, augment, pool
-        self.decoders_per_thread = decoders_per_thread
         self.device = torch.device(device)
         self.prefetch, self.threads, self.decoder = max(1, prefetch), max(0, threads), decoder
         self.priority, self.stall_timeout = priority, stall_timeout
@@ -891,45 +885,41 @@ class GpuBatchPipeline:
                 self.on_failure(key, reason)
 
     def thread_decoder(self):
-        """The decoder for this thread's next batch: its decoders_per_thread decoders (taken from
-        the pool or made on first use) in turn; None: decode_jpegs' default."""
+        """This thread's decoder (taken from the pool or made on first use; None: decode_jpegs'
+        default)."""
         if not isinstance(self.decoder, str):  # None, or one decoder object shared by all threads
             return self.decoder
         if self.device.type != "cuda" and self.pool is None:
             return None
-        if getattr(self._local, "decoders", None) is None:
-            self._local.decoders = [self.pool.take(self.decoder, self.device) if self.pool is not None
-                                    else gpu_decoder(self.decoder, self.device)
-                                    for _ in range(self.decoders_per_thread)]
-            self._local.turn = 0
-            self.decoder_kind = self._local.decoders[0].kind
-        self._local.turn += 1
-        return self._local.decoders[self._local.turn % len(self._local.decoders)]
+        if getattr(self._local, "decoder", None) is None:
+            self._local.decoder = (self.pool.take(self.decoder, self.device) if self.pool is not None
+                                   else gpu_decoder(self.decoder, self.device))
+            self.decoder_kind = self._local.decoder.kind
+        return self._local.decoder
 
     @contextlib.contextmanager
     def _lending(self, stream):
-        """Around a thread's decoding: its decoders go back to the pool when the block ends or its
-        consumer stops early, once `stream` (where they queued work) is done; after an error they
-        are dropped, their state unknown."""
+        """Around a thread's decoding: its decoder goes back to the pool when the block ends or its
+        consumer stops early, once `stream` (where it queued work) is done; after an error it is
+        dropped, its state unknown."""
         try:
             yield
         except GeneratorExit:
             self._give_back(stream)
             raise
         except BaseException:
-            self._local.decoders = None
+            self._local.decoder = None
             raise
         self._give_back(stream)
 
     def _give_back(self, stream):
-        decoders = getattr(self._local, "decoders", None)
-        if self.pool is None or decoders is None:
+        decoder = getattr(self._local, "decoder", None)
+        if self.pool is None or decoder is None:
             return
         if stream is not None:
             stream.synchronize()
-        self._local.decoders = None
-        for decoder in decoders:
-            self.pool.give(self.decoder, self.device, decoder)
+        self._local.decoder = None
+        self.pool.give(self.decoder, self.device, decoder)
 
     def process(self, raw, index=None):
         """One raw batch -> (x, y) on the device, in the current stream."""
