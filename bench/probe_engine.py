@@ -16,12 +16,20 @@ Beside a step the decode call takes 2-3 times as long as alone, and in a DDP ran
 (phase 19). --loads asks which half of the step does it: "gil" runs pure Python beside the decode
 (holds the GIL, no GPU work: the call ends only once its thread has the GIL back), "gpu"
 back-to-back bf16 matmuls (every SM busy, one Python operation a millisecond: the decode's GPU work
-queues behind them). --states N gives each thread N decoders used in turn: if the call waits for
-the GPU to finish the previous batch of the same nvJPEG state, it waits less.
+queues behind them). --states N gives each thread N decoders used in turn. Phase 20's answer
+(1 x H200): both, the GPU most: 4.7 ms per batch alone, 11 beside the GIL load, 139 beside the
+matmuls (7.6 with the matmuls on a green context of 112 SMs, --step-sms 112); two decoders per
+thread made it longer, not shorter.
+
+    python bench/probe_engine.py --threads 2 --loads gil --switch-ms 5,1,0.5
+
+--switch-ms runs each row per GIL switch interval: the thread back from the call holds the
+decoders' lock until it has the GIL again, up to one interval, while the engines idle.
 """
 import argparse
 import faulthandler
 import functools
+import itertools
 import sys
 import threading
 import time
@@ -156,6 +164,9 @@ def main():
                    "in calls/s")
     p.add_argument("--states", default="1", help="comma list: decoders per decode thread, used in turn "
                    "(each row runs once per value)")
+    p.add_argument("--switch-ms", default="", help="comma list: sys.setswitchinterval values in ms, each "
+                   "row run once per value (default: Python's, 5 ms). A decode thread back from the "
+                   "decode call waits up to that long for the GIL, holding the decoders' lock")
     args = p.parse_args()
     if not set(args.turns.split(",")) <= {"lock", "free"}:
         p.error(f"--turns {args.turns}: give lock, free or both")
@@ -165,6 +176,9 @@ def main():
     all_states = [int(n) for n in args.states.split(",")]
     if min(all_states) < 1:
         p.error("--states: give numbers of at least 1")
+    switch_ms = [float(v) for v in args.switch_ms.split(",") if v] or [sys.getswitchinterval() * 1000]
+    if min(switch_ms) <= 0:
+        p.error("--switch-ms: give milliseconds above 0")
     kinds = args.steps.split(",")
     if not set(kinds) <= {"eager", "graph"}:
         p.error(f"--steps {args.steps}: give eager, graph or both")
@@ -195,22 +209,23 @@ def main():
         row(f"{step_name(kind)} alone", 0.0, run(batches, 0, args.seconds, step=lambda: steps[kind](x, y))[1], {})
     for name, call in load_calls.items():
         row(f"{name} load alone (calls/s)", 0.0, run(batches, 0, args.seconds, step=call, per_call=1)[1], {})
-    for states in all_states:
-        for turns in all_turns:
-            take = turns == "lock"
-            tag = ("" if take else ", free") + (f", {states} states" if states > 1 else "")
-            go = functools.partial(run, batches, seconds=args.seconds, take_turns=take, states=states)
-            for threads in sorted({1, 2, 3} | set(beside)):
-                row(f"decode x{threads}{tag}", *go(threads))
-            row(f"decode+crop x3{tag}", *go(3, crop=aug))
-            for kind in kinds:
-                step = functools.partial(steps[kind], x, y)
-                for threads in beside:
-                    row(f"{step_name(kind)} + decode x{threads}{tag}", *go(threads, step=step))
-                row(f"{step_name(kind)} + decode+crop x3{tag}", *go(3, step=step, crop=aug))
-            for name, call in load_calls.items():
-                for threads in beside:
-                    row(f"{name} load + decode x{threads}{tag}", *go(threads, step=call, per_call=1))
+    for ms, states, turns in itertools.product(switch_ms, all_states, all_turns):
+        sys.setswitchinterval(ms / 1000)
+        take = turns == "lock"
+        tag = (("" if take else ", free") + (f", {states} states" if states > 1 else "")
+               + (f", switch {ms:g} ms" if len(switch_ms) > 1 else ""))
+        go = functools.partial(run, batches, seconds=args.seconds, take_turns=take, states=states)
+        for threads in sorted({1, 2, 3} | set(beside)):
+            row(f"decode x{threads}{tag}", *go(threads))
+        row(f"decode+crop x3{tag}", *go(3, crop=aug))
+        for kind in kinds:
+            step = functools.partial(steps[kind], x, y)
+            for threads in beside:
+                row(f"{step_name(kind)} + decode x{threads}{tag}", *go(threads, step=step))
+            row(f"{step_name(kind)} + decode+crop x3{tag}", *go(3, step=step, crop=aug))
+        for name, call in load_calls.items():
+            for threads in beside:
+                row(f"{name} load + decode x{threads}{tag}", *go(threads, step=call, per_call=1))
     print("\n| run | decode img/s | step img/s (loads: calls/s) | host ms per batch: probe / copy / call "
           "set-up / lock wait / decode call |\n|---|---|---|---|")
     for name, dec, st, parts in rows:

@@ -63,3 +63,32 @@ def test_each_decode_thread_uses_its_decoders_in_turn_and_a_load_counts_calls(mo
 def test_the_gil_load_is_pure_python():
     assert probe_engine.gil_load()() == sum(i * i for i in range(20000))
     assert set(probe_engine.LOADS) == {"gil", "gpu"}
+
+
+def test_each_switch_interval_gets_its_own_rows_and_the_interval_is_set_for_them(monkeypatch):
+    seen = []
+
+    def fake_run(batches, n_threads, seconds, step=None, crop=None, take_turns=True, per_call=256, states=1):
+        seen.append(sys.getswitchinterval())
+        return 1.0, 1.0, {}
+
+    monkeypatch.setattr(probe_engine, "run", fake_run)
+    monkeypatch.setattr(probe_engine.bl, "make_jpegs", lambda n: [b"x"] * 256)
+    monkeypatch.setattr(probe_engine.gd, "pack_jpegs", lambda blobs: (torch.zeros(1), torch.zeros(257)))
+    monkeypatch.setattr(probe_engine.gd, "GpuAugment", lambda *a, **k: None)
+    monkeypatch.setattr(probe_engine, "train_step", lambda kind: lambda x, y: None)
+    monkeypatch.setattr(probe_engine, "LOADS", {"gil": lambda: (lambda: None)})
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "stub")
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: torch.zeros(1, 3, 1, 1))
+    monkeypatch.setattr(torch, "randint", lambda *a, **k: torch.zeros(1))
+    monkeypatch.setattr(sys, "argv", ["probe_engine.py", "--threads", "2", "--loads", "gil",
+                                      "--switch-ms", "5,0.5"])
+    before = sys.getswitchinterval()
+    try:
+        assert probe_engine.main() == 0
+    finally:
+        sys.setswitchinterval(before)
+    # step and load alone once, then each interval's 7 rows (decode x1-3, +crop, step x2, step+crop, load x2)
+    per_interval = seen[2:]
+    assert len(per_interval) == 14
+    assert per_interval[:7] == [0.005] * 7 and all(abs(v - 0.0005) < 1e-9 for v in per_interval[7:])

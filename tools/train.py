@@ -117,6 +117,10 @@ def parse_args(argv=None):
       "raw batch's JPEG bytes into pinned memory, where the engine decoder reads them in place; by "
       "default the decoder copies them in its own thread (experimental: frees the decode threads, "
       "which limit a DDP rank's data path, of a copy per batch; bench/NOTES-gpu.md phase 19)")
+    a("--gil-switch-ms", type=float, default=0.0, help="--decode gpu: Python's GIL switch interval "
+      "in ms (0: Python's own, 5). An engine decode thread back from nvJPEG's call waits up to one "
+      "interval for the GIL while it still holds the process's decode lock, and the engines idle "
+      "meanwhile (experimental; bench/probe_engine.py --switch-ms, bench/NOTES-gpu.md phase 20)")
     a("--gpu-prefetch", type=int, default=GPU_PREFETCH, help="--decode gpu: decoded batches kept ready "
       "beyond the ones being decoded (~77 MB each for 256 AlexNet crops in bf16): the slack that "
       "absorbs the data path's stalls, which under DDP would stall every rank (8 against 3: 2-GPU "
@@ -209,6 +213,8 @@ def parse_args(argv=None):
     for name in ("epochs", "batch_size", "crop_size", "log_every", "gpu_prefetch"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.gil_switch_ms < 0:
+        p.error("--gil-switch-ms must be 0 (Python's own) or more")
     if args.step_alone < 0:
         p.error("--step-alone must be 0 (off) or a number of steps")
     if args.cuda_graphs:
@@ -681,6 +687,9 @@ def main(argv=None):
     if args.device != "cpu":
         nccl_protocol(args.nccl_proto)
     rank, world, device = setup(args.device)
+    switch = sys.getswitchinterval()
+    if args.gil_switch_ms:
+        sys.setswitchinterval(args.gil_switch_ms / 1000)
     try:
         with StopFlag() as stop, work_stream(device, args.step_sms, world):
             return train(args, rank, world, device, stop)
@@ -688,6 +697,7 @@ def main(argv=None):
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:
+        sys.setswitchinterval(switch)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
