@@ -311,12 +311,16 @@ def rank_shares(figures):
                       zip(*(figures[k] for k in bench_e2e.RANK_SHARES)))
 
 
-def data_path_text(ranks):
+def data_path_text(ranks, batches_per_s=None):
     """A run's GPU data path, host ms per batch per rank (tools.train's data_path_ms_per_batch):
-    'fetch 5.1 decode 21.3 (copy 1.2 setup 0.7 lock 8.0 call 9.1) crop 2.9 | ...'; '' on the CPU path."""
+    'fetch 5.1 decode 21.3 (copy 1.2 setup 0.7 lock 8.0 call 9.1 after 0.2) crop 2.9 | ...'; '' on the
+    CPU path. batches_per_s, each rank's training rate in batches: adds the share of time the rank's
+    decode turn was held (call x batches/s; near 100 %, one turn at a time is the limit)."""
+    def held(r):
+        return f", turn held {r['decode_call'] * batches_per_s / 1000:.0%}" if batches_per_s else ""
     return " | ".join(f"fetch {r['fetch']:.1f} decode {r['decode']:.1f} (copy {r['decode_copy']:.1f} setup "
-                      f"{r['decode_setup']:.1f} lock {r['decode_lock']:.1f} call {r['decode_call']:.1f}) "
-                      f"crop {r['crop']:.1f}" for r in ranks)
+                      f"{r['decode_setup']:.1f} lock {r['decode_lock']:.1f} call {r['decode_call']:.1f} "
+                      f"after {r.get('decode_after', 0.0):.1f}{held(r)}) crop {r['crop']:.1f}" for r in ranks)
 
 
 def main(argv=None):
@@ -409,7 +413,8 @@ def main(argv=None):
             gpu = f"  {describe(x['gpu'])}" if x.get("gpu") else ""
             print(f"{row['variant']:14s} {row['gpus']:4d} {rate:9,d}  {rank_shares(x)}{alone}{gpu}")
             if x["data_path_ms_ranks"]:
-                print(f"{'':29s} data path, host ms per batch: {data_path_text(x['data_path_ms_ranks'])}")
+                print(f"{'':29s} data path, host ms per batch: "
+                      f"{data_path_text(x['data_path_ms_ranks'], rate / row['gpus'] / args.batch_per_gpu)}")
         for stacks in row["hung"]:
             print(f"{row['variant']:14s} {row['gpus']:4d}      hung  stacks: {stacks}")
     return 0

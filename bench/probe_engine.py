@@ -227,7 +227,7 @@ def main():
             for threads in beside:
                 row(f"{name} load + decode x{threads}{tag}", *go(threads, step=call, per_call=1))
     print("\n| run | decode img/s | step img/s (loads: calls/s) | host ms per batch: probe / copy / call "
-          "set-up / lock wait / decode call |\n|---|---|---|---|")
+          "set-up / lock wait / decode call / after the call |\n|---|---|---|---|")
     for name, dec, st, parts in rows:
         split = " / ".join(str(parts.get(k, "-")) for k in gd.ENGINE_PARTS)
         print(f"| {name} | {dec:.0f} | {st:.0f} | {split} |")

@@ -102,10 +102,16 @@ def test_summary_is_written_after_each_run_even_before_the_baseline(tmp_path):
 
 def test_data_path_text_names_each_ranks_stages():
     rank = {"fetch": 5.06, "decode": 21.3, "decode_copy": 1.2, "decode_setup": 0.74, "decode_lock": 8.0,
-            "decode_call": 9.14, "crop": 2.9}
+            "decode_call": 9.14, "decode_after": 0.21, "crop": 2.9}
     assert bench_scaling.data_path_text([rank, {**rank, "decode": 27.0}]) == (
-        "fetch 5.1 decode 21.3 (copy 1.2 setup 0.7 lock 8.0 call 9.1) crop 2.9 | "
-        "fetch 5.1 decode 27.0 (copy 1.2 setup 0.7 lock 8.0 call 9.1) crop 2.9")
+        "fetch 5.1 decode 21.3 (copy 1.2 setup 0.7 lock 8.0 call 9.1 after 0.2) crop 2.9 | "
+        "fetch 5.1 decode 27.0 (copy 1.2 setup 0.7 lock 8.0 call 9.1 after 0.2) crop 2.9")
+    # at 100 batches/s per rank a 9.14 ms call holds the process's decode turn 91 % of the time
+    assert bench_scaling.data_path_text([rank], batches_per_s=100.0) == (
+        "fetch 5.1 decode 21.3 (copy 1.2 setup 0.7 lock 8.0 call 9.1 after 0.2, turn held 91%) crop 2.9")
+    # records from before the "after" part read as 0
+    old = {k: v for k, v in rank.items() if k != "decode_after"}
+    assert "call 9.1 after 0.0)" in bench_scaling.data_path_text([old])
     assert bench_scaling.data_path_text([]) == ""
 
 

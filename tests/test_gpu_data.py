@@ -431,7 +431,7 @@ def test_engine_decoder_sets_up_once_pads_short_batches_and_leaves_the_rest_to_t
     # host time per part: the call's set-up (GIL-bound Python) and the wait for the process's decode
     # lock apart from the call itself
     assert decoder.seconds["batches"] == 2
-    assert set(decoder.seconds) == {"batches", "probe", "copy", "setup", "lock", "decode"}
+    assert set(decoder.seconds) == {"batches", "probe", "copy", "setup", "lock", "decode", "after"}
     calls.clear()
     big = decoder._fits_bytes + 1  # a bitstream longer than the buffers were sized for: the CPU's
     _, ok, _, _ = decoder.decode_packed(torch.zeros(2000 + big, dtype=torch.uint8),
@@ -476,6 +476,29 @@ def test_engine_decoders_take_turns_at_the_decode_call_unless_told_not_to(stub_e
     for t in threads:
         t.join()
     assert met == ([False, False] if take_turns else [True, True])
+
+
+def test_engine_decoder_times_the_turn_held_apart_from_what_follows_it(stub_engine, monkeypatch):
+    """"decode" is the call with the process's decode turn held (x batches/s: how busy the turn is);
+    "after" what comes once the turn is given up (another thread may hold the GIL then)."""
+    import time
+    from tools.imagenet import nvjpeg
+    make, _, _ = stub_engine
+
+    class SlowToLeave:  # a lock whose release takes 50 ms: that time is not the turn's
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            time.sleep(0.05)
+
+    monkeypatch.setattr(nvjpeg, "_DECODE_LOCK", SlowToLeave())
+    decoder = make(on_decode=lambda: time.sleep(0.02))
+    frames = np.array([[256, 256, 1]] * 2)
+    decoder.decode_packed(torch.zeros(2000, dtype=torch.uint8), np.arange(3) * 1000, frames)
+    decoder.seconds = dict.fromkeys(decoder.seconds, 0.0)
+    decoder.decode_packed(torch.zeros(2000, dtype=torch.uint8), np.arange(3) * 1000, frames)
+    assert 0.02 <= decoder.seconds["decode"] < 0.05 and decoder.seconds["after"] >= 0.05
 
 
 def _engine_or_skip():
@@ -683,11 +706,12 @@ def test_pipeline_adds_up_the_parts_a_decoder_times():
         kind = "timed"
 
         def __init__(self):
-            self.seconds = {"batches": 0, "probe": 0.0, "copy": 0.0, "setup": 0.0, "lock": 0.0, "decode": 0.0}
+            self.seconds = {"batches": 0, "probe": 0.0, "copy": 0.0, "setup": 0.0, "lock": 0.0, "decode": 0.0,
+                            "after": 0.0}
 
         def decode_packed(self, data, offsets, frames=None):
             for part, seconds in (("copy", 0.001), ("setup", 0.0005), ("lock", 0.002), ("decode", 0.003),
-                                  ("batches", 1)):
+                                  ("after", 0.00025), ("batches", 1)):
                 self.seconds[part] += seconds
             return super().decode_packed(data, offsets, frames)
 
@@ -702,6 +726,7 @@ def test_pipeline_adds_up_the_parts_a_decoder_times():
     assert pipe.stats["engine_setup_s"] == pytest.approx(0.002)
     assert pipe.stats["engine_lock_s"] == pytest.approx(0.008)
     assert pipe.stats["engine_decode_s"] == pytest.approx(0.012)
+    assert pipe.stats["engine_after_s"] == pytest.approx(0.001)
 
 
 def test_jpeg_frame_reads_sizes_and_what_the_engines_take():

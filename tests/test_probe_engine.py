@@ -28,7 +28,7 @@ def test_each_decode_thread_uses_its_decoders_in_turn_and_a_load_counts_calls(mo
     class Decoder:
         def __init__(self, device, take_turns=True):
             self.take_turns = take_turns
-            self.seconds = dict.fromkeys(("batches", "probe", "copy", "setup", "lock", "decode"), 0.0)
+            self.seconds = dict.fromkeys(("batches", *probe_engine.gd.ENGINE_PARTS), 0.0)
             made.append(self)
 
     def decode_packed(data, offsets, keys, device, decoder):

@@ -55,8 +55,11 @@ MAX_BYTES = 256 * 1024
 PAD_SIDE = 256  # the prepared images' size, which the engines take
 # the parts of decode_packed's host time, in order, kept in NvjpegDecoder.seconds: header probes,
 # the pinned copy, the call's set-up in Python and numpy, waiting for the other decoders' turn at
-# the decode call, the call (which runs without the GIL and ends when this thread has it back)
-PARTS = ("probe", "copy", "setup", "lock", "decode")
+# the decode call, the call with the turn held (it runs without the GIL, and ends when this thread
+# has the GIL back), and from giving the turn up to running on (the GIL again, if another thread
+# took it meanwhile). "decode" x batches per second is the share of time a process's turn is held:
+# near 1, the engines of that process are fed as fast as one turn at a time allows.
+PARTS = ("probe", "copy", "setup", "lock", "decode", "after")
 _LIB_NAMES = ("libnvjpeg.so.13", "libnvjpeg.so.12", "libnvjpeg.so.11", "libnvjpeg.so")
 
 
@@ -277,9 +280,10 @@ class NvjpegDecoder:
                                                       source_lengths.ctypes.data, table.ctypes.data,
                                                       ctypes.c_void_p(stream.cuda_stream)),
                         "nvjpegDecodeBatched")
-        t5 = time.perf_counter()
+            t5 = time.perf_counter()
+        t6 = time.perf_counter()
         for key, seconds in (("probe", t1 - t0), ("copy", t2 - t1), ("setup", t3 - t2), ("lock", t4 - t3),
-                             ("decode", t5 - t4), ("batches", 1)):
+                             ("decode", t5 - t4), ("after", t6 - t5), ("batches", 1)):
             self.seconds[key] += seconds
         done = torch.cuda.Event()
         done.record(stream)
