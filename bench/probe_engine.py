@@ -5,10 +5,11 @@ the wait for the decode lock and the decode call.
     python bench/probe_engine.py --images 5120          # GPU machine, under a minute
     python bench/probe_engine.py --threads 2,3 --turns lock,free   # decoders taking turns or not
     python bench/probe_engine.py --threads 2 --loads gil,gpu --states 1,2   # what slows the call
+    python bench/probe_engine.py --threads 2 --loads gil --turns lock,native   # the turn without the GIL
 
 Answers whether the decode call slows down beside the step (the GPU: nvJPEG waits on its own work
 per image) or the Python around it does (the GIL). --turns free runs each row again with the
-process's decoders entering nvJPEG's decode call at once (NvjpegDecoder(take_turns=False)): phase 5
+process's decoders entering nvJPEG's decode call at once (NvjpegDecoder(turn="free")): phase 5
 of bench/NOTES-gpu.md saw two of them hang in it beside a step, and phase 19 again, with the buffers
 sized up front (driver 580); a hang ends the probe with every thread's stack (faulthandler).
 
@@ -24,7 +25,9 @@ thread made it longer, not shorter.
     python bench/probe_engine.py --threads 2 --loads gil --switch-ms 5,1,0.5
 
 --switch-ms runs each row per GIL switch interval: the thread back from the call holds the
-decoders' lock until it has the GIL again, up to one interval, while the engines idle.
+decoders' lock until it has the GIL again, up to one interval, while the engines idle. --turns
+native takes the turn in native code instead (tools.imagenet.engine_turn), where it passes to the
+next thread without the GIL.
 """
 import argparse
 import faulthandler
@@ -40,20 +43,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bench_loader as bl  # noqa: E402
 from tools.imagenet import gpu_data as gd  # noqa: E402
-from tools.imagenet.nvjpeg import NvjpegDecoder  # noqa: E402
+from tools.imagenet.nvjpeg import TURNS, NvjpegDecoder  # noqa: E402
 
 
 STEP_STREAM = []  # set by --step-sms: the step's stream on part of the SMs
 
 
-def run(batches, n_threads, seconds, step=None, crop=None, take_turns=True, per_call=256, states=1):
+def run(batches, n_threads, seconds, step=None, crop=None, turn="lock", per_call=256, states=1):
     """n_threads decode threads (own stream, `states` decoders each, used in turn) for `seconds`,
     optionally beside a thread calling `step` flat out: (decode img/s, step calls/s x per_call, ms per
     batch per part)."""
     # a row that takes 20 times its time hung (e.g. in nvJPEG's decode call): every thread's stack, exit
     faulthandler.dump_traceback_later(seconds * 20 + 30, exit=True)
     stop = threading.Event()
-    mine = [[NvjpegDecoder("cuda", take_turns=take_turns) for _ in range(states)] for _ in range(n_threads)]
+    mine = [[NvjpegDecoder("cuda", turn=turn) for _ in range(states)] for _ in range(n_threads)]
     decoders = [d for ds in mine for d in ds]
     counts = [0] * (n_threads + 1)
 
@@ -157,8 +160,9 @@ def main():
     p.add_argument("--steps", default="eager", help="comma-separated kinds of step to run beside the "
                    "decode: eager (tools.train's), graph (tools.train --cuda-graphs: AlexNet-BN with "
                    "fused SGD captured as one CUDA graph, replayed)")
-    p.add_argument("--turns", default="lock", help="comma list: lock (the process's decoders take turns "
-                   "at the decode call, as in training) and/or free (they do not)")
+    p.add_argument("--turns", default="lock", help="comma list of how the process's decoders take turns at "
+                   "the decode call: lock (a Python lock, tools.train's default), native (a mutex taken "
+                   "and given up within the call, tools.train --engine-turn native), free (no turns)")
     p.add_argument("--loads", default="", help="comma list of loads beside the decode (x --threads) "
                    "instead of a step: gil (pure Python) and/or gpu (bf16 matmuls); their rate is "
                    "in calls/s")
@@ -168,8 +172,8 @@ def main():
                    "row run once per value (default: Python's, 5 ms). A decode thread back from the "
                    "decode call waits up to that long for the GIL, holding the decoders' lock")
     args = p.parse_args()
-    if not set(args.turns.split(",")) <= {"lock", "free"}:
-        p.error(f"--turns {args.turns}: give lock, free or both")
+    if not set(args.turns.split(",")) <= set(TURNS):
+        p.error(f"--turns {args.turns}: give some of {', '.join(TURNS)}")
     loads = [x for x in args.loads.split(",") if x]
     if not set(loads) <= set(LOADS):
         p.error(f"--loads {args.loads}: give {' and/or '.join(LOADS)}")
@@ -211,10 +215,9 @@ def main():
         row(f"{name} load alone (calls/s)", 0.0, run(batches, 0, args.seconds, step=call, per_call=1)[1], {})
     for ms, states, turns in itertools.product(switch_ms, all_states, all_turns):
         sys.setswitchinterval(ms / 1000)
-        take = turns == "lock"
-        tag = (("" if take else ", free") + (f", {states} states" if states > 1 else "")
+        tag = (("" if turns == "lock" else f", {turns}") + (f", {states} states" if states > 1 else "")
                + (f", switch {ms:g} ms" if len(switch_ms) > 1 else ""))
-        go = functools.partial(run, batches, seconds=args.seconds, take_turns=take, states=states)
+        go = functools.partial(run, batches, seconds=args.seconds, turn=turns, states=states)
         for threads in sorted({1, 2, 3} | set(beside)):
             row(f"decode x{threads}{tag}", *go(threads))
         row(f"decode+crop x3{tag}", *go(3, crop=aug))

@@ -342,9 +342,9 @@ def test_engine_decoder_matches_nvjpeg_and_falls_back():
 
 
 @pytest.fixture
-def stub_engine(monkeypatch):
+def stub_engine(monkeypatch, tmp_path_factory):
     """NvjpegDecoder without a GPU: libnvjpeg and the CUDA calls stubbed. Returns (make, calls,
-    batches): make(on_decode=None, take_turns=True) a decoder; calls the nvJPEG functions called
+    batches): make(on_decode=None, turn="lock") a decoder; calls the nvJPEG functions called
     (after nvjpegDecodeBatchedInitialize, the batch size it set up for; "wait" for a host wait);
     batches per nvjpegDecodeBatched its rows' (bitstream lengths, output widths); on_decode()
     runs inside each nvjpegDecodeBatched."""
@@ -386,14 +386,24 @@ def stub_engine(monkeypatch):
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, device=None, **k: empty(*a, **k))
 
-    def make(on_decode=None, take_turns=True):
+    def make(on_decode=None, turn="lock"):
         decoder = object.__new__(nvjpeg.NvjpegDecoder)
         decoder.device, decoder.max_side, decoder.max_bytes = torch.device("cpu"), 768, 256 * 1024
         decoder._reserved, decoder._fits_bytes, decoder._batch, decoder._pad_source = 0, 0, None, None
         decoder._lib = decoder._fast = Lib(decoder, on_decode)
         decoder._handle = decoder._state = decoder._stream = None
         decoder.seconds, decoder._in_flight = collections.Counter(), collections.deque()
-        decoder.take_turns = take_turns
+        decoder.turn, decoder._native = turn, None
+        if turn == "native":  # the compiled turn calls the stub back through a C function pointer
+            from tools.imagenet import engine_turn
+            try:
+                decoder._native = engine_turn.load(engine_turn.build(tmp_path_factory.getbasetemp() / "turn"))
+            except RuntimeError as exc:  # no C compiler on this machine
+                pytest.skip(str(exc))
+            decoder._turn_seconds = (ctypes.c_double * 2)()
+            decoder._callback = ctypes.CFUNCTYPE(ctypes.c_int, *[ctypes.c_void_p] * 6)(
+                lambda *args: decoder._lib.nvjpegDecodeBatched(*args))
+            decoder._decode_address = ctypes.cast(decoder._callback, ctypes.c_void_p).value
         return decoder
     return make, calls, batches
 
@@ -448,10 +458,11 @@ def test_engine_decoder_sets_up_once_pads_short_batches_and_leaves_the_rest_to_t
     assert calls == ["nvjpegDecodeBatchedInitialize", 2, "nvjpegDecodeBatched"] and batches[-1][0] == [1000] * 2
 
 
-@pytest.mark.parametrize("take_turns", [True, False])
-def test_engine_decoders_take_turns_at_the_decode_call_unless_told_not_to(stub_engine, take_turns):
+@pytest.mark.parametrize("turn", ["lock", "native", "free"])
+def test_engine_decoders_take_turns_at_the_decode_call_unless_told_not_to(stub_engine, turn):
     """The process's decoders enter nvjpegDecodeBatched one at a time (phase 5's hang with two in
-    it at once); take_turns=False (bench/probe_engine.py --turns free) lets two in together."""
+    it at once), by a Python lock or a native mutex; turn="free" (bench/probe_engine.py --turns free)
+    lets two in together."""
     import itertools
     import threading
     together = threading.Barrier(2, timeout=1.0)
@@ -465,7 +476,7 @@ def test_engine_decoders_take_turns_at_the_decode_call_unless_told_not_to(stub_e
                 met.append(True)
             except threading.BrokenBarrierError:
                 met.append(False)
-    decoders = [make(meet, take_turns) for _ in range(2)]
+    decoders = [make(meet, turn) for _ in range(2)]
     frames = np.array([[256, 256, 1]] * 2)
 
     def work(decoder):
@@ -475,7 +486,7 @@ def test_engine_decoders_take_turns_at_the_decode_call_unless_told_not_to(stub_e
         t.start()
     for t in threads:
         t.join()
-    assert met == ([False, False] if take_turns else [True, True])
+    assert met == ([True, True] if turn == "free" else [False, False])
 
 
 def test_engine_decoder_times_the_turn_held_apart_from_what_follows_it(stub_engine, monkeypatch):
@@ -563,6 +574,40 @@ def test_engine_decoder_short_then_full_batch_never_waits_for_other_gpu_work():
         assert (got.int() - want.int()).abs().float().mean() < 2  # the engines' IDCT, not libjpeg's
     (_, ok, _, _), still_sleeping = _decode_beside_a_sleeping_stream(engine, full)
     assert still_sleeping and ok.all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_engine_decoders_taking_the_native_turn_decode_as_the_locked_ones_do():
+    """Two threads' decoders with turn="native" (the compiled mutex calling nvjpegDecodeBatched)
+    give the images the Python lock's decoders give, batch after batch; the turn is timed."""
+    import threading
+    from tools.imagenet.nvjpeg import NvjpegDecoder
+    _engine_or_skip()
+    photos = [_encode("jpeg", w=200 + 8 * i, h=180, color=(20 * i, 90, 180)) for i in range(6)]
+    data, offsets = gd.pack_jpegs(photos)
+    results = {}
+
+    def decode(turn, k):
+        decoder = NvjpegDecoder("cuda", turn=turn)
+        assert decoder._native is not None or turn == "lock"
+        with torch.cuda.stream(torch.cuda.Stream()):
+            for _ in range(5):
+                flat, ok, sizes, starts = decoder.decode_packed(data, offsets.numpy())
+            torch.cuda.current_stream().synchronize()
+        results[turn, k] = (flat.cpu(), ok.tolist(), decoder.seconds)
+    threads = [threading.Thread(target=decode, args=(turn, k)) for turn in ("lock", "native") for k in range(2)]
+    for t in threads[:2]:
+        t.start()
+    for t in threads[:2]:
+        t.join()
+    for t in threads[2:]:
+        t.start()
+    for t in threads[2:]:
+        t.join()
+    want = results["lock", 0]
+    for key, (flat, ok, seconds) in results.items():
+        assert torch.equal(flat, want[0]) and ok == [True] * 6, key
+        assert seconds["batches"] == 6 and seconds["decode"] > 0, key  # 5 and the reserving batch
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

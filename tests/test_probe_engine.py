@@ -26,8 +26,8 @@ def test_each_decode_thread_uses_its_decoders_in_turn_and_a_load_counts_calls(mo
     made, used, lock = [], [], threading.Lock()
 
     class Decoder:
-        def __init__(self, device, take_turns=True):
-            self.take_turns = take_turns
+        def __init__(self, device, turn="lock"):
+            self.turn = turn
             self.seconds = dict.fromkeys(("batches", *probe_engine.gd.ENGINE_PARTS), 0.0)
             made.append(self)
 
@@ -47,8 +47,8 @@ def test_each_decode_thread_uses_its_decoders_in_turn_and_a_load_counts_calls(mo
     batches = [(torch.zeros(10, dtype=torch.uint8), np.array([0, 5, 10]))]
     calls = []
     decode_rate, load_rate, parts = probe_engine.run(batches, 2, 0.2, step=lambda: calls.append(1),
-                                                     take_turns=False, per_call=1, states=2)
-    assert len(made) == 4 and not any(d.take_turns for d in made)
+                                                     turn="free", per_call=1, states=2)
+    assert len(made) == 4 and all(d.turn == "free" for d in made)
     by_thread = {}
     for name, k in used:
         by_thread.setdefault(name, []).append(k)
@@ -68,7 +68,7 @@ def test_the_gil_load_is_pure_python():
 def test_each_switch_interval_gets_its_own_rows_and_the_interval_is_set_for_them(monkeypatch):
     seen = []
 
-    def fake_run(batches, n_threads, seconds, step=None, crop=None, take_turns=True, per_call=256, states=1):
+    def fake_run(batches, n_threads, seconds, step=None, crop=None, turn="lock", per_call=256, states=1):
         seen.append(sys.getswitchinterval())
         return 1.0, 1.0, {}
 

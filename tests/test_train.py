@@ -335,14 +335,18 @@ def test_training_uses_the_chosen_sgd_kernel_also_after_resuming(shards, tmp_pat
         torch.testing.assert_close(a["model"][k], b["model"][k], msg=k)
 
 
-def test_gil_switch_interval_is_set_for_the_run_and_restored_after(monkeypatch):
+def test_gil_switch_interval_and_engine_turn_are_set_for_the_run_and_restored_after(monkeypatch):
     import sys
+    from tools.imagenet import nvjpeg
     seen = []
-    monkeypatch.setattr(train, "train", lambda *a: seen.append(sys.getswitchinterval()) or 0)
+    monkeypatch.setattr(train, "train", lambda *a: seen.append((sys.getswitchinterval(),
+                                                                nvjpeg._PROCESS_TURN[0])) or 0)
     before = sys.getswitchinterval()
-    assert train.main(["--shards", "s", "--out", "o", "--device", "cpu", "--gil-switch-ms", "0.5"]) == 0
-    assert seen == [pytest.approx(0.0005)] and sys.getswitchinterval() == before
+    assert train.main(["--shards", "s", "--out", "o", "--device", "cpu", "--gil-switch-ms", "0.5",
+                       "--engine-turn", "native"]) == 0
+    assert seen == [(pytest.approx(0.0005), "native")]
+    assert sys.getswitchinterval() == before and nvjpeg._PROCESS_TURN[0] == "lock"
     assert train.main(["--shards", "s", "--out", "o", "--device", "cpu"]) == 0
-    assert seen[-1] == before  # 0, the default: Python's own
+    assert seen[-1] == (before, "lock")  # the defaults: Python's own interval, a Python lock
     with pytest.raises(SystemExit):
         train.parse_args(["--shards", "s", "--out", "o", "--gil-switch-ms", "-1"])

@@ -46,7 +46,7 @@ from tools.imagenet.autotune import cudnn_searches, search_quietly, synthetic_st
 from tools.imagenet.distributed import (AUTO_FREE_SMS, NCCL_PROTOCOLS, all_reduce, nccl_protocol,
                                         setup, work_stream)
 from tools.imagenet.distributed import amp_dtype as autocast_dtype
-from tools.imagenet import fsutil
+from tools.imagenet import fsutil, nvjpeg
 from tools.imagenet.evaluation import evaluate
 from tools.imagenet.graphed import GraphedStep, before_process_group
 from tools.imagenet import gpu_data
@@ -117,6 +117,12 @@ def parse_args(argv=None):
       "raw batch's JPEG bytes into pinned memory, where the engine decoder reads them in place; by "
       "default the decoder copies them in its own thread (experimental: frees the decode threads, "
       "which limit a DDP rank's data path, of a copy per batch; bench/NOTES-gpu.md phase 19)")
+    a("--engine-turn", default="lock", choices=["lock", "native"], help="--decode gpu, engine "
+      "decoder: how a process's decode threads take their turns at nvJPEG's decode call (one at a "
+      "time: two at once hang). lock: a Python lock, which the thread back from the call keeps "
+      "until it has the GIL again; native: a mutex taken and given up inside the call's own native "
+      "code (tools/imagenet/engine_turn.c, compiled on first use with the C compiler; a Python lock "
+      "where there is none), so the turn passes without waiting for the GIL (experimental)")
     a("--gil-switch-ms", type=float, default=0.0, help="--decode gpu: Python's GIL switch interval "
       "in ms (0: Python's own, 5). An engine decode thread back from nvJPEG's call waits up to one "
       "interval for the GIL while it still holds the process's decode lock, and the engines idle "
@@ -689,6 +695,7 @@ def main(argv=None):
     if args.device != "cpu":
         nccl_protocol(args.nccl_proto)
     rank, world, device = setup(args.device)
+    turn = nvjpeg.use_turn(args.engine_turn)
     switch = sys.getswitchinterval()
     if args.gil_switch_ms:
         sys.setswitchinterval(args.gil_switch_ms / 1000)
@@ -700,6 +707,7 @@ def main(argv=None):
         return 1
     finally:
         sys.setswitchinterval(switch)
+        nvjpeg.use_turn(turn)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 

@@ -60,6 +60,21 @@ PAD_SIDE = 256  # the prepared images' size, which the engines take
 # took it meanwhile). "decode" x batches per second is the share of time a process's turn is held:
 # near 1, the engines of that process are fed as fast as one turn at a time allows.
 PARTS = ("probe", "copy", "setup", "lock", "decode", "after")
+# the ways a decoder takes the process's one turn at the decode call: a Python lock (the thread
+# back from the call keeps the turn until it has the GIL again), a mutex taken and given up in the
+# same native call as the decode (tools.imagenet.engine_turn, experimental), or none (probes only)
+TURNS = ("lock", "native", "free")
+_PROCESS_TURN = ["lock"]  # what decoders made without a turn of their own take (use_turn)
+
+
+def use_turn(kind):
+    """Makes `kind` (TURNS: lock or native) the turn this process's decoders take from now on
+    (tools.train --engine-turn); a process's decoders must all take the same kind. Returns the
+    kind it replaces."""
+    if kind not in TURNS[:2]:
+        raise ValueError(f"engine turn {kind!r}: give lock or native")
+    before, _PROCESS_TURN[0] = _PROCESS_TURN[0], kind
+    return before
 _LIB_NAMES = ("libnvjpeg.so.13", "libnvjpeg.so.12", "libnvjpeg.so.11", "libnvjpeg.so")
 
 
@@ -156,20 +171,31 @@ class NvjpegDecoder:
     (bench/probe_sync.py's baseline)."""
     kind = "engine"
 
-    def __init__(self, device="cuda", max_side=MAX_SIDE, max_bytes=MAX_BYTES, take_turns=True):
+    def __init__(self, device="cuda", max_side=MAX_SIDE, max_bytes=MAX_BYTES, turn=None):
         self.device = torch.device(device)
         self.max_side, self.max_bytes = max_side, max_bytes
-        # take_turns=False lets this decoder into the decode call beside the process's others: only
-        # for bench/probe_engine.py --turns free, which checks whether phase 5's hang there is gone
-        # (on driver 580 it is not, although the buffers are sized up front: phase 19)
-        self.take_turns = take_turns
         self._reserved, self._fits_bytes = 0, 0  # images and bytes per image the buffers are sized for
         self._pad_source = None  # pinned PAD_SIDE JPEG, made on the first short batch
         if self.device.type != "cuda":
             raise RuntimeError("the nvJPEG decoder needs a CUDA device")
+        # How this decoder takes the process's one turn at the decode call (TURNS; None: the
+        # process's, use_turn). Every decoder of a process decoding at the same time must take the
+        # same kind: a Python lock and the native mutex do not exclude each other. "free" only for
+        # bench/probe_engine.py --turns, which checks whether phase 5's hang with two in the call
+        # is gone (on driver 580 it is not, although the buffers are sized up front: phase 19).
+        turn = turn or _PROCESS_TURN[0]
+        if turn not in TURNS:
+            raise ValueError(f"turn {turn!r}: give one of {', '.join(TURNS)}")
+        self.turn = turn
+        self._native = None
+        if turn == "native":
+            from tools.imagenet.engine_turn import native_turn
+            self._native = native_turn()  # None (a Python lock, said once) where it cannot be built
+            self._turn_seconds = (ctypes.c_double * 2)()
         self._lib, self._fast = load_library()
         _declare(self._lib)
         _declare(self._fast)
+        self._decode_address = ctypes.cast(self._lib.nvjpegDecodeBatched, ctypes.c_void_p).value  # native turn
         self._handle, self._state, self._stream = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
         with torch.cuda.device(self.device):
             status = self._lib.nvjpegCreateEx(_BACKEND_HARDWARE, None, None, 0, ctypes.byref(self._handle))
@@ -268,20 +294,28 @@ class NvjpegDecoder:
         # in this call at once beside a running step hung in it (bench/probe_engine.py; a 2-GPU
         # training run hung too, where was not caught: NOTES-gpu.md phase 5). The call only queues
         # the batch on the engines; the decoding itself still overlaps.
-        t3 = time.perf_counter()
-        with _DECODE_LOCK if self.take_turns else contextlib.nullcontext():
-            t4 = time.perf_counter()
-            if self._batch != len(table):
+        if self._batch != len(table):  # once per decoder (see PAD_SIDE), in the turn as well
+            with self._turn_held():
                 self._check(self._lib.nvjpegDecodeBatchedInitialize(self._handle, self._state, len(table), 1,
                                                                     _OUTPUT_RGB),
                             "nvjpegDecodeBatchedInitialize")
-                self._batch = len(table)
-            self._check(self._lib.nvjpegDecodeBatched(self._handle, self._state, sources.ctypes.data,
-                                                      source_lengths.ctypes.data, table.ctypes.data,
-                                                      ctypes.c_void_p(stream.cuda_stream)),
-                        "nvjpegDecodeBatched")
-            t5 = time.perf_counter()
-        t6 = time.perf_counter()
+            self._batch = len(table)
+        t3 = time.perf_counter()
+        args = (self._handle, self._state, sources.ctypes.data, source_lengths.ctypes.data, table.ctypes.data,
+                stream.cuda_stream)
+        if self._native is not None:
+            waited, held = self._turn_seconds[0], self._turn_seconds[1]
+            status = self._native.engine_turn_call6(self._decode_address, *args, self._turn_seconds)
+            t6 = time.perf_counter()
+            t4 = t3 + self._turn_seconds[0] - waited
+            t5 = t4 + self._turn_seconds[1] - held
+        else:
+            with _DECODE_LOCK if self.turn != "free" else contextlib.nullcontext():
+                t4 = time.perf_counter()
+                status = self._lib.nvjpegDecodeBatched(*args[:5], ctypes.c_void_p(args[5]))
+                t5 = time.perf_counter()
+            t6 = time.perf_counter()
+        self._check(status, "nvjpegDecodeBatched")
         for key, seconds in (("probe", t1 - t0), ("copy", t2 - t1), ("setup", t3 - t2), ("lock", t4 - t3),
                              ("decode", t5 - t4), ("after", t6 - t5), ("batches", 1)):
             self.seconds[key] += seconds
@@ -289,6 +323,19 @@ class NvjpegDecoder:
         done.record(stream)
         self._in_flight.append((done, (staging, scratch)))
         return flat, ok, sizes, starts
+
+    @contextlib.contextmanager
+    def _turn_held(self):
+        """The process's decode turn, held around a rare call (setting the state up)."""
+        if self._native is not None:
+            self._native.engine_turn_take()
+            try:
+                yield
+            finally:
+                self._native.engine_turn_give()
+        else:
+            with _DECODE_LOCK if self.turn != "free" else contextlib.nullcontext():
+                yield
 
     def _padded(self, table, sources, lengths):
         """The batch's rows plus as many PAD_SIDE JPEGs (one pinned copy, decoded into a scratch
