@@ -55,9 +55,9 @@ MAX_BYTES = 256 * 1024
 PAD_SIDE = 256  # the prepared images' size, which the engines take
 # the parts of decode_packed's host time, in order, kept in NvjpegDecoder.seconds: header probes,
 # the pinned copy, the call's set-up in Python and numpy, waiting for the other decoders' turn at
-# the decode call, the call with the turn held (it runs without the GIL, and ends when this thread
-# has the GIL back), and from giving the turn up to running on (the GIL again, if another thread
-# took it meanwhile). "decode" x batches per second is the share of time a process's turn is held:
+# the decode call, the call with the turn held (it runs without the GIL; with a Python lock it
+# ends when this thread has the GIL back, with the native turn it is timed in C), and from giving
+# the turn up to running on (the GIL again, if another thread took it meanwhile). "decode" x batches per second is the share of time a process's turn is held:
 # near 1, the engines of that process are fed as fast as one turn at a time allows.
 PARTS = ("probe", "copy", "setup", "lock", "decode", "after")
 # the ways a decoder takes the process's one turn at the decode call: a Python lock (the thread
@@ -75,6 +75,8 @@ def use_turn(kind):
         raise ValueError(f"engine turn {kind!r}: give lock or native")
     before, _PROCESS_TURN[0] = _PROCESS_TURN[0], kind
     return before
+
+
 _LIB_NAMES = ("libnvjpeg.so.13", "libnvjpeg.so.12", "libnvjpeg.so.11", "libnvjpeg.so")
 
 
@@ -310,7 +312,7 @@ class NvjpegDecoder:
             t4 = t3 + self._turn_seconds[0] - waited
             t5 = t4 + self._turn_seconds[1] - held
         else:
-            with _DECODE_LOCK if self.turn != "free" else contextlib.nullcontext():
+            with self._turn_held():
                 t4 = time.perf_counter()
                 status = self._lib.nvjpegDecodeBatched(*args[:5], ctypes.c_void_p(args[5]))
                 t5 = time.perf_counter()
