@@ -30,6 +30,7 @@ SOURCE = Path(__file__).with_name("engine_turn.c")
 
 
 def cache_dir(environ=os.environ):
+    """Where the compiled helper is kept: $XDG_CACHE_HOME (else ~/.cache)/imagenet-multigpu."""
     base = environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "imagenet-multigpu"
 
