@@ -308,12 +308,11 @@ class StopFlag:
 
 # the GPU data path's stages in an epoch's record (ms of host time per batch, per rank) and their
 # gpu_data.GpuBatchPipeline.stats keys: the fetch thread waiting for the workers, a decode thread
-# decoding (of which, with the engine decoder: the pinned copy, the decode call's set-up, waiting
-# for the process's decode lock, the call with the lock held, after it until the thread runs on)
-# and cropping
-DATA_PATH_STAGES = {"fetch": "fetch_s", "decode": "decode_s", "decode_copy": "engine_copy_s",
-                    "decode_setup": "engine_setup_s", "decode_lock": "engine_lock_s",
-                    "decode_call": "engine_decode_s", "decode_after": "engine_after_s",
+# decoding (of which, with the engine decoder, its timed parts but the header probes, which the
+# loader workers do: tools.imagenet.nvjpeg.PARTS, its "decode" named "call" here) and cropping
+DATA_PATH_STAGES = {"fetch": "fetch_s", "decode": "decode_s",
+                    **{f"decode_{'call' if part == 'decode' else part}": f"engine_{part}_s"
+                       for part in nvjpeg.PARTS if part != "probe"},
                     "crop": "augment_s"}
 
 

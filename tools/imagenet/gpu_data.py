@@ -862,8 +862,7 @@ class GpuBatchPipeline:
         self._lock = threading.Lock()
         # host seconds spent per stage by whoever prepares batches (enqueue time, not GPU time):
         # tells which part of the producer limits the rate; engine_*: the parts of decode_s in a
-        # thread's own decoder that times them (tools.imagenet.nvjpeg: header probes, pinned copy,
-        # the call's set-up, waiting for the process's decode lock, the decode call)
+        # thread's own decoder that times them (tools.imagenet.nvjpeg.PARTS)
         self.stats = {"batches": 0, "fetch_s": 0.0, "decode_s": 0.0, "augment_s": 0.0,
                       **{f"engine_{part}_s": 0.0 for part in ENGINE_PARTS}}
 
