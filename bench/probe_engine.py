@@ -6,6 +6,7 @@ the wait for the decode lock and the decode call.
     python bench/probe_engine.py --threads 2,3 --turns lock,free   # decoders taking turns or not
     python bench/probe_engine.py --threads 2 --loads gil,gpu --states 1,2   # what slows the call
     python bench/probe_engine.py --threads 2 --loads gil --turns lock,native   # the turn without the GIL
+    python bench/probe_engine.py --threads 2 --loads gpu --outputs rgb,yuv,rgbi   # the call without conversion
 
 Answers whether the decode call slows down beside the step (the GPU: nvJPEG waits on its own work
 per image) or the Python around it does (the GIL). --turns free runs each row again with the
@@ -43,20 +44,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bench_loader as bl  # noqa: E402
 from tools.imagenet import gpu_data as gd  # noqa: E402
-from tools.imagenet.nvjpeg import TURNS, NvjpegDecoder  # noqa: E402
+from tools.imagenet.nvjpeg import OUTPUTS, TURNS, NvjpegDecoder  # noqa: E402
 
 
 STEP_STREAM = []  # set by --step-sms: the step's stream on part of the SMs
 
 
-def run(batches, n_threads, seconds, step=None, crop=None, turn="lock", per_call=256, states=1):
+def run(batches, n_threads, seconds, step=None, crop=None, turn="lock", per_call=256, states=1, output="rgb"):
     """n_threads decode threads (own stream, `states` decoders each, used in turn) for `seconds`,
     optionally beside a thread calling `step` flat out: (decode img/s, step calls/s x per_call, ms per
     batch per part)."""
     # a row that takes 20 times its time hung (e.g. in nvJPEG's decode call): every thread's stack, exit
     faulthandler.dump_traceback_later(seconds * 20 + 30, exit=True)
     stop = threading.Event()
-    mine = [[NvjpegDecoder("cuda", turn=turn) for _ in range(states)] for _ in range(n_threads)]
+    mine = [[NvjpegDecoder("cuda", turn=turn, output=output) for _ in range(states)] for _ in range(n_threads)]
     decoders = [d for ds in mine for d in ds]
     counts = [0] * (n_threads + 1)
 
@@ -171,7 +172,14 @@ def main():
     p.add_argument("--switch-ms", default="", help="comma list: sys.setswitchinterval values in ms, each "
                    "row run once per value (default: Python's, 5 ms). A decode thread back from the "
                    "decode call waits up to that long for the GIL, holding the decoders' lock")
+    p.add_argument("--outputs", default="rgb", help="comma list of what the engines write: rgb (planar, what "
+                   "training uses), yuv (planar, chroma subsampled as in the JPEG), rgbi (interleaved); "
+                   "each row runs once per value, the crop rows with rgb only. Asks whether the call "
+                   "waits for a colour conversion kernel on the SMs")
     args = p.parse_args()
+    outputs = args.outputs.split(",")
+    if not set(outputs) <= set(OUTPUTS):
+        p.error(f"--outputs {args.outputs}: give some of {', '.join(OUTPUTS)}")
     if not set(args.turns.split(",")) <= set(TURNS):
         p.error(f"--turns {args.turns}: give some of {', '.join(TURNS)}")
     loads = [x for x in args.loads.split(",") if x]
@@ -213,19 +221,21 @@ def main():
         row(f"{step_name(kind)} alone", 0.0, run(batches, 0, args.seconds, step=lambda: steps[kind](x, y))[1], {})
     for name, call in load_calls.items():
         row(f"{name} load alone (calls/s)", 0.0, run(batches, 0, args.seconds, step=call, per_call=1)[1], {})
-    for ms, states, turns in itertools.product(switch_ms, all_states, all_turns):
+    for ms, states, turns, output in itertools.product(switch_ms, all_states, all_turns, outputs):
         sys.setswitchinterval(ms / 1000)
         tag = (("" if turns == "lock" else f", {turns}") + (f", {states} states" if states > 1 else "")
-               + (f", switch {ms:g} ms" if len(switch_ms) > 1 else ""))
-        go = functools.partial(run, batches, seconds=args.seconds, turn=turns, states=states)
+               + (f", switch {ms:g} ms" if len(switch_ms) > 1 else "") + ("" if output == "rgb" else f", {output}"))
+        go = functools.partial(run, batches, seconds=args.seconds, turn=turns, states=states, output=output)
         for threads in sorted({1, 2, 3} | set(beside)):
             row(f"decode x{threads}{tag}", *go(threads))
-        row(f"decode+crop x3{tag}", *go(3, crop=aug))
+        if output == "rgb":
+            row(f"decode+crop x3{tag}", *go(3, crop=aug))
         for kind in kinds:
             step = functools.partial(steps[kind], x, y)
             for threads in beside:
                 row(f"{step_name(kind)} + decode x{threads}{tag}", *go(threads, step=step))
-            row(f"{step_name(kind)} + decode+crop x3{tag}", *go(3, step=step, crop=aug))
+            if output == "rgb":
+                row(f"{step_name(kind)} + decode+crop x3{tag}", *go(3, step=step, crop=aug))
         for name, call in load_calls.items():
             for threads in beside:
                 row(f"{name} load + decode x{threads}{tag}", *go(threads, step=call, per_call=1))

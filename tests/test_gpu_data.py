@@ -386,8 +386,9 @@ def stub_engine(monkeypatch, tmp_path_factory):
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, device=None, **k: empty(*a, **k))
 
-    def make(on_decode=None, turn="lock"):
+    def make(on_decode=None, turn="lock", output="rgb"):
         decoder = object.__new__(nvjpeg.NvjpegDecoder)
+        decoder.output = output
         decoder.device, decoder.max_side, decoder.max_bytes = torch.device("cpu"), 768, 256 * 1024
         decoder._reserved, decoder._fits_bytes, decoder._batch, decoder._pad_source = 0, 0, None, None
         decoder._lib = decoder._fast = Lib(decoder, on_decode)
@@ -421,6 +422,31 @@ def test_engine_decoder_reads_pinned_bytes_in_place_and_copies_the_others(stub_e
         decoder.decode_packed(data, np.array([0, 800, 1600]), frames)
         staging = decoder._in_flight[-1][1][0]
         assert (staging.data_ptr() == data.data_ptr()) == pinned and staging.numel() == 1600
+
+
+def test_engine_decoder_lays_each_output_format_out_in_the_images_own_space(stub_engine):
+    """Planar RGB and YUV: three planes of h x w, pitch w (YUV's subsampled chroma fits in them);
+    interleaved RGB: one plane, pitch 3w. Pads get the same layout; the state is set up for it."""
+    from tools.imagenet import nvjpeg
+    make, calls, _ = stub_engine
+    sizes = np.array([[2, 3], [4, 5]])
+    addresses = np.array([1000, 2000])
+    for output in ("rgb", "yuv"):
+        table = make(output=output)._table(addresses, sizes)
+        assert table[:, :4].tolist() == [[1000, 1006, 1012, 0], [2000, 2020, 2040, 0]]
+        assert table[:, 4:].tolist() == [[3, 3, 3, 0], [5, 5, 5, 0]]
+    table = make(output="rgbi")._table(addresses, sizes)
+    assert table.tolist() == [[1000, 0, 0, 0, 9, 0, 0, 0], [2000, 0, 0, 0, 15, 0, 0, 0]]
+    decoder = make(output="yuv")
+    formats = []
+    init = decoder._lib.nvjpegDecodeBatchedInitialize
+    decoder._lib = types.SimpleNamespace(nvjpegDecodeBatchedInitialize=lambda *a: formats.append(a[4]) or init(*a),
+                                         nvjpegDecodeBatched=decoder._lib.nvjpegDecodeBatched)
+    decoder.decode_packed(torch.zeros(1600, dtype=torch.uint8), np.array([0, 800, 1600]),
+                          np.array([[256, 300, 1], [300, 256, 1]]))
+    assert formats == [nvjpeg.OUTPUTS["yuv"]] and nvjpeg.OUTPUTS["rgb"] == 3
+    with pytest.raises(ValueError, match="output 'nv12'"):
+        nvjpeg.NvjpegDecoder("cpu", output="nv12")
 
 
 def test_engine_decoder_sets_up_once_pads_short_batches_and_leaves_the_rest_to_the_cpu(stub_engine):

@@ -26,8 +26,8 @@ def test_each_decode_thread_uses_its_decoders_in_turn_and_a_load_counts_calls(mo
     made, used, lock = [], [], threading.Lock()
 
     class Decoder:
-        def __init__(self, device, turn="lock"):
-            self.turn = turn
+        def __init__(self, device, turn="lock", output="rgb"):
+            self.turn, self.output = turn, output
             self.seconds = dict.fromkeys(("batches", *probe_engine.gd.ENGINE_PARTS), 0.0)
             made.append(self)
 
@@ -47,8 +47,8 @@ def test_each_decode_thread_uses_its_decoders_in_turn_and_a_load_counts_calls(mo
     batches = [(torch.zeros(10, dtype=torch.uint8), np.array([0, 5, 10]))]
     calls = []
     decode_rate, load_rate, parts = probe_engine.run(batches, 2, 0.2, step=lambda: calls.append(1),
-                                                     turn="free", per_call=1, states=2)
-    assert len(made) == 4 and all(d.turn == "free" for d in made)
+                                                     turn="free", per_call=1, states=2, output="yuv")
+    assert len(made) == 4 and all(d.turn == "free" and d.output == "yuv" for d in made)
     by_thread = {}
     for name, k in used:
         by_thread.setdefault(name, []).append(k)
@@ -65,30 +65,42 @@ def test_the_gil_load_is_pure_python():
     assert set(probe_engine.LOADS) == {"gil", "gpu"}
 
 
-def test_each_switch_interval_gets_its_own_rows_and_the_interval_is_set_for_them(monkeypatch):
-    seen = []
-
-    def fake_run(batches, n_threads, seconds, step=None, crop=None, turn="lock", per_call=256, states=1):
-        seen.append(sys.getswitchinterval())
+def _main_with_rows_recorded(monkeypatch, argv, record):
+    """Runs probe_engine.main() with every row's run() replaced by record(kwargs) and no GPU."""
+    def fake_run(batches, n_threads, seconds, **kwargs):
+        record(kwargs)
         return 1.0, 1.0, {}
 
     monkeypatch.setattr(probe_engine, "run", fake_run)
     monkeypatch.setattr(probe_engine.bl, "make_jpegs", lambda n: [b"x"] * 256)
     monkeypatch.setattr(probe_engine.gd, "pack_jpegs", lambda blobs: (torch.zeros(1), torch.zeros(257)))
-    monkeypatch.setattr(probe_engine.gd, "GpuAugment", lambda *a, **k: None)
+    monkeypatch.setattr(probe_engine.gd, "GpuAugment", lambda *a, **k: "crop")
     monkeypatch.setattr(probe_engine, "train_step", lambda kind: lambda x, y: None)
     monkeypatch.setattr(probe_engine, "LOADS", {"gil": lambda: (lambda: None)})
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "stub")
     monkeypatch.setattr(torch, "randn", lambda *a, **k: torch.zeros(1, 3, 1, 1))
     monkeypatch.setattr(torch, "randint", lambda *a, **k: torch.zeros(1))
-    monkeypatch.setattr(sys, "argv", ["probe_engine.py", "--threads", "2", "--loads", "gil",
-                                      "--switch-ms", "5,0.5"])
+    monkeypatch.setattr(sys, "argv", ["probe_engine.py", *argv])
     before = sys.getswitchinterval()
     try:
         assert probe_engine.main() == 0
     finally:
         sys.setswitchinterval(before)
+
+
+def test_each_switch_interval_gets_its_own_rows_and_the_interval_is_set_for_them(monkeypatch):
+    seen = []
+    _main_with_rows_recorded(monkeypatch, ["--threads", "2", "--loads", "gil", "--switch-ms", "5,0.5"],
+                             lambda kwargs: seen.append(sys.getswitchinterval()))
     # step and load alone once, then each interval's 7 rows (decode x1-3, +crop, step x2, step+crop, load x2)
     per_interval = seen[2:]
     assert len(per_interval) == 14
     assert per_interval[:7] == [0.005] * 7 and all(abs(v - 0.0005) < 1e-9 for v in per_interval[7:])
+
+
+def test_each_output_format_gets_its_decode_rows_and_only_rgb_is_cropped(monkeypatch):
+    seen = []
+    _main_with_rows_recorded(monkeypatch, ["--threads", "2", "--outputs", "rgb,yuv"],
+                             lambda kwargs: seen.append((kwargs.get("output"), kwargs.get("crop"))))
+    # the step alone, then rgb's 6 rows (decode x1-3, +crop, step x2, step+crop), yuv's 4 (no crop)
+    assert seen[1:] == [("rgb", None)] * 3 + [("rgb", "crop")] + [("rgb", None), ("rgb", "crop")] + [("yuv", None)] * 4

@@ -34,7 +34,12 @@ import numpy as np
 import torch
 
 _BACKEND_HARDWARE = 3
-_OUTPUT_RGB = 3
+# nvjpegOutputFormat_t values this decoder can ask for. Training uses planar RGB. The others are
+# for bench/probe_engine.py --outputs, which asks whether the decode call still waits for the SMs
+# when the engines' output needs no conversion kernel: planar YUV (the chroma planes subsampled as
+# the JPEG is; each plane gets a full h x w of space, pitch w) and interleaved RGB (one plane,
+# pitch 3w). Their pixels are not what the crop expects.
+OUTPUTS = {"rgb": 3, "yuv": 1, "rgbi": 5}
 _STATUS_ARCH_MISMATCH = 8
 _MAX_COMPONENT = 4
 _DECODE_LOCK = threading.Lock()
@@ -173,8 +178,11 @@ class NvjpegDecoder:
     (bench/probe_sync.py's baseline)."""
     kind = "engine"
 
-    def __init__(self, device="cuda", max_side=MAX_SIDE, max_bytes=MAX_BYTES, turn=None):
+    def __init__(self, device="cuda", max_side=MAX_SIDE, max_bytes=MAX_BYTES, turn=None, output="rgb"):
         self.device = torch.device(device)
+        if output not in OUTPUTS:
+            raise ValueError(f"output {output!r}: give one of {', '.join(OUTPUTS)}")
+        self.output = output
         self.max_side, self.max_bytes = max_side, max_bytes
         self._reserved, self._fits_bytes = 0, 0  # images and bytes per image the buffers are sized for
         self._pad_source = None  # pinned PAD_SIDE JPEG, made on the first short batch
@@ -281,11 +289,7 @@ class NvjpegDecoder:
         t2 = time.perf_counter()
         flat = torch.empty(int(3 * planes.sum()), dtype=torch.uint8, device=self.device)
         take = np.flatnonzero(ok)
-        # nvjpegImage_t per image: channel pointers [4], then pitches [4] (size_t)
-        table = np.zeros((len(take), 2 * _MAX_COMPONENT), dtype=np.uint64)
-        for c in range(3):
-            table[:, c] = flat.data_ptr() + starts[take] + c * planes[take]
-            table[:, _MAX_COMPONENT + c] = sizes[take, 1]
+        table = self._table(flat.data_ptr() + starts[take], sizes[take])
         sources = (staging.data_ptr() + offsets[take] - first).astype(np.uint64)
         source_lengths = lengths[take].astype(np.uint64)
         scratch = None
@@ -299,7 +303,7 @@ class NvjpegDecoder:
         if self._batch != len(table):  # once per decoder (see PAD_SIDE), in the turn as well
             with self._turn_held():
                 self._check(self._lib.nvjpegDecodeBatchedInitialize(self._handle, self._state, len(table), 1,
-                                                                    _OUTPUT_RGB),
+                                                                    OUTPUTS[self.output]),
                             "nvjpegDecodeBatchedInitialize")
             self._batch = len(table)
         t3 = time.perf_counter()
@@ -339,6 +343,16 @@ class NvjpegDecoder:
             with _DECODE_LOCK if self.turn != "free" else contextlib.nullcontext():
                 yield
 
+    def _table(self, addresses, sizes):
+        """nvjpegImage_t per image (channel pointers [4], then pitches [4], size_t) for images of
+        `sizes` (h, w) whose 3 x h x w bytes start at device `addresses`, in self.output's layout."""
+        table = np.zeros((len(sizes), 2 * _MAX_COMPONENT), dtype=np.uint64)
+        planes = sizes[:, 0] * sizes[:, 1]
+        for c in range(1 if self.output == "rgbi" else 3):
+            table[:, c] = addresses + c * planes
+            table[:, _MAX_COMPONENT + c] = sizes[:, 1] * (3 if self.output == "rgbi" else 1)
+        return table
+
     def _padded(self, table, sources, lengths):
         """The batch's rows plus as many PAD_SIDE JPEGs (one pinned copy, decoded into a scratch
         buffer) as make it the reserved count (see PAD_SIDE); and that scratch buffer."""
@@ -348,10 +362,8 @@ class NvjpegDecoder:
             self._pad_source.copy_(blob)
         count, plane = self._reserved - len(table), PAD_SIDE * PAD_SIDE
         scratch = torch.empty(3 * plane * count, dtype=torch.uint8, device=self.device)
-        pads = np.zeros((count, 2 * _MAX_COMPONENT), dtype=np.uint64)
-        for c in range(3):
-            pads[:, c] = scratch.data_ptr() + (3 * np.arange(count) + c) * plane
-            pads[:, _MAX_COMPONENT + c] = PAD_SIDE
+        pads = self._table(scratch.data_ptr() + 3 * plane * np.arange(count),
+                           np.full((count, 2), PAD_SIDE, dtype=np.int64))
         source = self._pad_source
         return (np.concatenate([table, pads]),
                 np.concatenate([sources, np.full(count, source.data_ptr(), dtype=np.uint64)]),
