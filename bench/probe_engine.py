@@ -7,6 +7,7 @@ the wait for the decode lock and the decode call.
     python bench/probe_engine.py --threads 2 --loads gil,gpu --states 1,2   # what slows the call
     python bench/probe_engine.py --threads 2 --loads gil --turns lock,native   # the turn without the GIL
     python bench/probe_engine.py --threads 2 --loads gpu --outputs rgb,yuv,rgbi   # the call without conversion
+    python bench/probe_engine.py --threads 2 --loads gpu --call-images 256,512,1024   # fewer, larger calls
 
 Answers whether the decode call slows down beside the step (the GPU: nvJPEG waits on its own work
 per image) or the Python around it does (the GIL). --turns free runs each row again with the
@@ -176,7 +177,12 @@ def main():
                    "training uses), yuv (planar, chroma subsampled as in the JPEG), rgbi (interleaved); "
                    "each row runs once per value, the crop rows with rgb only. Asks whether the call "
                    "waits for a colour conversion kernel on the SMs")
+    p.add_argument("--call-images", default="256", help="comma list: images per decode call (each row runs "
+                   "once per value). Asks whether the call's wait for the SMs is per call or per image")
     args = p.parse_args()
+    call_images = [int(n) for n in args.call_images.split(",")]
+    if min(call_images) < 1 or max(call_images) > args.images:
+        p.error(f"--call-images: give numbers from 1 to --images ({args.images})")
     outputs = args.outputs.split(",")
     if not set(outputs) <= set(OUTPUTS):
         p.error(f"--outputs {args.outputs}: give some of {', '.join(OUTPUTS)}")
@@ -200,10 +206,11 @@ def main():
         STEP_STREAM.append(stream)
         print(f"step on {got} of {total} SMs", flush=True)
     blobs = bl.make_jpegs(args.images)
-    batches = []
-    for i in range(0, len(blobs) - 255, 256):
-        data, offsets = gd.pack_jpegs(blobs[i:i + 256])
-        batches.append((data, offsets.numpy()))
+    packed = {}  # images per decode call -> that many JPEGs per packed batch
+    for size in call_images:
+        packed[size] = [(data, offsets.numpy()) for data, offsets in
+                        (gd.pack_jpegs(blobs[i:i + size]) for i in range(0, len(blobs) - size + 1, size))]
+    batches = packed[call_images[0]]
     print(f"{len(blobs)} JPEGs, {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     steps = {kind: train_step(kind) for kind in kinds}
     x = torch.randn(256, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
@@ -221,11 +228,12 @@ def main():
         row(f"{step_name(kind)} alone", 0.0, run(batches, 0, args.seconds, step=lambda: steps[kind](x, y))[1], {})
     for name, call in load_calls.items():
         row(f"{name} load alone (calls/s)", 0.0, run(batches, 0, args.seconds, step=call, per_call=1)[1], {})
-    for ms, states, turns, output in itertools.product(switch_ms, all_states, all_turns, outputs):
+    for ms, states, turns, output, size in itertools.product(switch_ms, all_states, all_turns, outputs, call_images):
         sys.setswitchinterval(ms / 1000)
         tag = (("" if turns == "lock" else f", {turns}") + (f", {states} states" if states > 1 else "")
-               + (f", switch {ms:g} ms" if len(switch_ms) > 1 else "") + ("" if output == "rgb" else f", {output}"))
-        go = functools.partial(run, batches, seconds=args.seconds, turn=turns, states=states, output=output)
+               + (f", switch {ms:g} ms" if len(switch_ms) > 1 else "") + ("" if output == "rgb" else f", {output}")
+               + ("" if size == 256 else f", {size} a call"))
+        go = functools.partial(run, packed[size], seconds=args.seconds, turn=turns, states=states, output=output)
         for threads in sorted({1, 2, 3} | set(beside)):
             row(f"decode x{threads}{tag}", *go(threads))
         if output == "rgb":
@@ -239,7 +247,7 @@ def main():
         for name, call in load_calls.items():
             for threads in beside:
                 row(f"{name} load + decode x{threads}{tag}", *go(threads, step=call, per_call=1))
-    print("\n| run | decode img/s | step img/s (loads: calls/s) | host ms per batch: probe / copy / call "
+    print("\n| run | decode img/s | step img/s (loads: calls/s) | host ms per decode call: probe / copy / call "
           "set-up / lock wait / decode call / after the call |\n|---|---|---|---|")
     for name, dec, st, parts in rows:
         split = " / ".join(str(parts.get(k, "-")) for k in gd.ENGINE_PARTS)

@@ -65,22 +65,25 @@ def test_the_gil_load_is_pure_python():
     assert set(probe_engine.LOADS) == {"gil", "gpu"}
 
 
-def _main_with_rows_recorded(monkeypatch, argv, record):
-    """Runs probe_engine.main() with every row's run() replaced by record(kwargs) and no GPU."""
+def _main_with_rows_recorded(monkeypatch, argv, record, packed=None):
+    """Runs probe_engine.main() with every row's run() replaced by record(kwargs) and no GPU;
+    packed: a list to add the size of each packed batch to."""
+    packed = [] if packed is None else packed
     def fake_run(batches, n_threads, seconds, **kwargs):
-        record(kwargs)
+        record(dict(kwargs, batches=len(batches)))
         return 1.0, 1.0, {}
 
     monkeypatch.setattr(probe_engine, "run", fake_run)
-    monkeypatch.setattr(probe_engine.bl, "make_jpegs", lambda n: [b"x"] * 256)
-    monkeypatch.setattr(probe_engine.gd, "pack_jpegs", lambda blobs: (torch.zeros(1), torch.zeros(257)))
+    monkeypatch.setattr(probe_engine.bl, "make_jpegs", lambda n: [b"x"] * n)
+    monkeypatch.setattr(probe_engine.gd, "pack_jpegs", lambda blobs: packed.append(len(blobs)) or
+                        (torch.zeros(1), torch.zeros(len(blobs) + 1)))
     monkeypatch.setattr(probe_engine.gd, "GpuAugment", lambda *a, **k: "crop")
     monkeypatch.setattr(probe_engine, "train_step", lambda kind: lambda x, y: None)
     monkeypatch.setattr(probe_engine, "LOADS", {"gil": lambda: (lambda: None)})
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "stub")
     monkeypatch.setattr(torch, "randn", lambda *a, **k: torch.zeros(1, 3, 1, 1))
     monkeypatch.setattr(torch, "randint", lambda *a, **k: torch.zeros(1))
-    monkeypatch.setattr(sys, "argv", ["probe_engine.py", *argv])
+    monkeypatch.setattr(sys, "argv", ["probe_engine.py", "--images", "1024", *argv])
     before = sys.getswitchinterval()
     try:
         assert probe_engine.main() == 0
@@ -104,3 +107,12 @@ def test_each_output_format_gets_its_decode_rows_and_only_rgb_is_cropped(monkeyp
                              lambda kwargs: seen.append((kwargs.get("output"), kwargs.get("crop"))))
     # the step alone, then rgb's 6 rows (decode x1-3, +crop, step x2, step+crop), yuv's 4 (no crop)
     assert seen[1:] == [("rgb", None)] * 3 + [("rgb", "crop")] + [("rgb", None), ("rgb", "crop")] + [("yuv", None)] * 4
+
+
+def test_each_call_size_gets_its_rows_with_batches_of_that_many_images(monkeypatch):
+    packed, seen = [], []
+    _main_with_rows_recorded(monkeypatch, ["--threads", "2", "--call-images", "256,512"],
+                             lambda kwargs: seen.append(kwargs["batches"]), packed)
+    assert packed == [256] * 4 + [512] * 2
+    # the step alone on the first size's batches, then 6 rows on 4 batches of 256, 6 on 2 of 512
+    assert seen == [4] + [4] * 6 + [2] * 6
