@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests._shards import write_shards
@@ -149,3 +150,46 @@ def test_nccl_protocol_is_simple_unless_the_environment_or_auto_says_otherwise()
     assert nccl_protocol("Simple", env) == "LL128" and env == {"NCCL_PROTO": "LL128"}
     env = {}
     assert nccl_protocol("auto", env) == "auto" and env == {}
+
+
+def test_cuda_connections_are_32_unless_the_environment_or_0_says_otherwise():
+    from tools import train
+    from tools.imagenet.distributed import cuda_connections
+    assert train.parse_args(["--shards", "s", "--out", "o"]).cuda_connections == 32
+    env = {}
+    assert cuda_connections(32, env) == 32 and env == {"CUDA_DEVICE_MAX_CONNECTIONS": "32"}
+    env = {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}  # the user's own setting wins
+    assert cuda_connections(32, env) == 1 and env == {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+    env = {}
+    assert cuda_connections(0, env) == 0 and env == {}  # the driver's own
+    with pytest.raises(ValueError, match="give 1 to 32"):
+        cuda_connections(33, {})
+    with pytest.raises(SystemExit):
+        train.parse_args(["--shards", "s", "--out", "o", "--cuda-connections", "33"])
+
+
+def test_train_sets_the_cuda_connections_before_it_first_touches_the_gpu(monkeypatch):
+    """CUDA reads CUDA_DEVICE_MAX_CONNECTIONS when it makes the process's context: tools.train sets it
+    before setup() (the first CUDA call), and only for a GPU run."""
+    import os
+    from tools import train
+    for name in ("CUDA_DEVICE_MAX_CONNECTIONS", "NCCL_PROTO"):  # restored after the test
+        monkeypatch.setenv(name, "unset")
+        monkeypatch.delenv(name)
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def setup(device):
+        seen.append((device, os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS")))
+        raise Stop
+
+    monkeypatch.setattr(train, "setup", setup)
+    for flags in ([], ["--cuda-connections", "16"]):
+        with pytest.raises(Stop):
+            train.main(["--shards", "s", "--out", "o", "--device", "cuda", *flags])
+        monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS")
+    with pytest.raises(Stop):
+        train.main(["--shards", "s", "--out", "o", "--device", "cpu"])
+    assert seen == [("cuda", "32"), ("cuda", "16"), ("cpu", None)]

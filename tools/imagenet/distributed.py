@@ -37,6 +37,33 @@ def nccl_protocol(proto, environ=os.environ):
     return environ.get("NCCL_PROTO", "auto")
 
 
+# The GPU's hardware work queues (CUDA_DEVICE_MAX_CONNECTIONS; the driver's default 8, at most 32).
+# A process's streams share them, and a kernel waits behind everything queued before it on its
+# queue, whatever its stream. nvJPEG's hardware decode runs small kernels per image on ~28 streams
+# of its own, which with 8 queues wait behind the training step's kernels: on 1 x H200 its decode
+# call beside back-to-back matmuls took 120 ms per batch of 256 with 8 queues and 27 with 32, and
+# AlexNet-BN fed by the GPU data path trained at 22.1k (1 GPU) and 39.3k img/s (2 GPUs, DDP) with 32
+# against 19.4k and 30.1k with 8 (medians of 3 and 5 runs on 2 x H200 hosts, bench/NOTES-gpu.md
+# phase 21).
+CUDA_CONNECTIONS = 32
+
+
+def cuda_connections(count, environ=os.environ):
+    """Sets CUDA_DEVICE_MAX_CONNECTIONS to `count` for the CUDA context made next (so before the
+    process first touches the GPU), unless the environment names a count already (it wins) or
+    count is 0 (the driver's own, 8); returns what is in effect (0 where unset). Where the
+    context exists already it is too late: said, and left alone."""
+    if not 0 <= count <= 32:
+        raise ValueError(f"CUDA connections {count}: give 1 to 32, or 0 for the driver's own")
+    if count and "CUDA_DEVICE_MAX_CONNECTIONS" not in environ:
+        if environ is os.environ and torch.cuda.is_initialized():
+            print(f"warning: CUDA is already initialised, CUDA_DEVICE_MAX_CONNECTIONS={count} "
+                  "would not take effect; left unset", flush=True)
+            return 0
+        environ["CUDA_DEVICE_MAX_CONNECTIONS"] = str(count)
+    return int(environ.get("CUDA_DEVICE_MAX_CONNECTIONS", 0))
+
+
 AUTO_FREE_SMS = 12  # SMs --step-sms auto keeps off a multi-GPU step (a green context's size goes by 8)
 
 
