@@ -22,7 +22,10 @@ back-to-back bf16 matmuls (every SM busy, one Python operation a millisecond: th
 queues behind them). --states N gives each thread N decoders used in turn. Phase 20's answer
 (1 x H200): both, the GPU most: 4.7 ms per batch alone, 11 beside the GIL load, 139 beside the
 matmuls (7.6 with the matmuls on a green context of 112 SMs, --step-sms 112); two decoders per
-thread made it longer, not shorter.
+thread made it longer, not shorter. Phase 21's answer: the wait was in the GPU's hardware work
+queues, which a process's streams share (8 by default): with --cuda-connections 32 (tools.train's
+default since) the call beside the matmuls took 27 ms instead of 120. --outputs (what the engines
+write) and --call-images (images per call) did not change it: the wait is per image.
 
     python bench/probe_engine.py --threads 2 --loads gil --switch-ms 5,1,0.5
 
