@@ -35,10 +35,9 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import tarfile_samples
-
 from tools.imagenet import preprocess
 from tools.imagenet.image import to_8bit
+from tools.imagenet.tar_reader import shard_samples
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -93,12 +92,11 @@ def epoch_shard_order(shards, seed, epoch):
 def _read(shards_dir, pieces):
     for name, _, stride, offset in pieces:
         path = Path(shards_dir) / name
-        for i, sample in enumerate(tarfile_samples([{"url": str(path)}])):
-            if i % stride == offset:
-                if "jpg" not in sample or "cls" not in sample:
-                    raise ValueError(f"{path}: sample {sample.get('__key__')!r} lacks a .jpg or "
-                                     f".cls member; rerun the shard stage")
-                yield path, sample
+        for sample in shard_samples(path, stride, offset):
+            if "jpg" not in sample or "cls" not in sample:
+                raise ValueError(f"{path}: sample {sample.get('__key__')!r} lacks a .jpg or "
+                                 f".cls member; rerun the shard stage")
+            yield path, sample
 
 
 def _shuffled(samples, size, rng):
