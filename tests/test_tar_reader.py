@@ -80,3 +80,18 @@ def test_a_damaged_or_cut_shard_is_refused_naming_it_and_where(tmp_path):
         path.write_bytes(good[:cut])
         with pytest.raises(ValueError, match=rf"{path}: .*(cut short|ends at byte)"):
             list(shard_samples(path))
+
+
+def test_the_reading_benchmark_compares_both_readers_on_the_same_shards(tmp_path, capsys):
+    import sys
+    from pathlib import Path
+    from tests._shards import write_shards
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import bench_shard_read
+    write_shards(tmp_path / "shards", num_classes=3, train_counts=[10, 7, 3], val_counts=[2, 2])
+    assert bench_shard_read.main(["--shards", str(tmp_path / "shards"), "--repeats", "1", "--batches", "2",
+                                  "--batch", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "3 shards, 20 images" in out
+    rows = [line for line in out.splitlines() if line.startswith("| samples only") or line.startswith("| GPU-path")]
+    assert len(rows) == 2 and all(line.rstrip(" |").endswith("x") for line in rows)
