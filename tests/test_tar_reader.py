@@ -80,6 +80,9 @@ def test_a_damaged_or_cut_shard_is_refused_naming_it_and_where(tmp_path):
         path.write_bytes(good[:cut])
         with pytest.raises(ValueError, match=rf"{path}: .*(cut short|ends at byte)"):
             list(shard_samples(path))
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"{path} is empty"):
+        list(shard_samples(path))
 
 
 def test_the_reading_benchmark_compares_both_readers_on_the_same_shards(tmp_path, capsys):

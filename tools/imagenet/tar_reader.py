@@ -1,4 +1,4 @@
-"""Reads the shard stage's tar shards: one read per shard and each header parsed by hand.
+"""Reads the shard stage's tar shards: each shard mapped into memory and its headers parsed by hand.
 
     from tools.imagenet.tar_reader import shard_samples
     for sample in shard_samples("W/shards/train-000000.tar"):   # {"__key__", "__url__", "cls", "jpg"}
@@ -14,6 +14,8 @@ either way. Samples are grouped as WebDataset groups them: consecutive members t
 name up to the first dot of the file name make a sample, each member kept under the rest of its
 name, lower-cased; members named like __meta__ are skipped.
 """
+import mmap
+import os
 import re
 from pathlib import Path
 
@@ -31,7 +33,7 @@ def _octal(field):
 
 
 def plain_members(data, path):
-    """[(name, start, size)] of the tar in `data` (bytes), or None where a member is not a plain
+    """[(name, start, size)] of the tar in `data` (bytes or a read-only mmap), or None where a member is not a plain
     ustar regular file. Raises ValueError naming `path` where a header's checksum is wrong or the
     archive ends early."""
     members, pos, end = [], 0, len(data)
@@ -81,16 +83,21 @@ def _grouped(members):
 def shard_samples(path, stride=1, offset=0):
     """The samples of one shard, every stride-th from offset (0-based) on, as dicts of bytes."""
     path = Path(path)
-    data = path.read_bytes()
-    members = plain_members(data, path)
-    if members is None:
-        for i, sample in enumerate(tarfile_samples([{"url": str(path)}])):
-            if i % stride == offset:
-                yield sample
-        return
-    url = str(path)
-    for key, parts in _grouped(members)[offset::stride]:
-        sample = {"__key__": key, "__url__": url}
-        for suffix, (start, size) in parts.items():
-            sample[suffix] = data[start:start + size]
-        yield sample
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise ValueError(f"{path} is empty; rerun the shard stage")
+        # mapped, not read: the shard stays in the page cache, not in each worker's memory, however
+        # large the shards (train_shards: N can make them hundreds of MB)
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            members = plain_members(data, path)
+            if members is not None:
+                url = str(path)
+                for key, parts in _grouped(members)[offset::stride]:
+                    sample = {"__key__": key, "__url__": url}
+                    for suffix, (start, size) in parts.items():
+                        sample[suffix] = data[start:start + size]
+                    yield sample
+                return
+    for i, sample in enumerate(tarfile_samples([{"url": str(path)}])):
+        if i % stride == offset:
+            yield sample
