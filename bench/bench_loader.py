@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader, RandomSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tools.imagenet import gpu_data  # noqa: E402
-from tools.imagenet.distributed import CUDA_CONNECTIONS, cuda_connections  # noqa: E402
+from tools.imagenet.distributed import add_cuda_connections_flag, cuda_connections  # noqa: E402
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 SCENES = [(500, 375), (375, 500), (500, 333), (500, 375)]
@@ -364,8 +364,7 @@ def parse_args(argv=None):
     p.add_argument("--step-stream", choices=["default", "side"], default="side",
                    help="the CUDA stream of the step (and the hand-over): a side stream of its own, as "
                         "tools.train runs it (default), or PyTorch's default stream")
-    p.add_argument("--cuda-connections", type=int, default=CUDA_CONNECTIONS, help="hardware work queues "
-                   "of the GPU (CUDA_DEVICE_MAX_CONNECTIONS), as tools.train --cuda-connections (0: the driver's 8)")
+    add_cuda_connections_flag(p)
     p.add_argument("--priority-ab", action="store_true",
                    help="also run (d) and (h) with decode streams of high priority")
     p.add_argument("--paths", default="a,b,c,d,e,f,g,h,i", help="comma list of the paths a-g to run")

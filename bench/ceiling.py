@@ -17,8 +17,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tools.imagenet.autotune import timed_rate  # noqa: E402
-from tools.imagenet.distributed import (CUDA_CONNECTIONS, NCCL_PROTOCOLS, cuda_connections,  # noqa: E402
-                                        nccl_protocol, work_stream)
+from tools.imagenet.distributed import (NCCL_PROTOCOLS, add_cuda_connections_flag,  # noqa: E402
+                                        cuda_connections, nccl_protocol, work_stream)
 from tools.imagenet.graphed import WARMUP, GraphedStep, before_process_group  # noqa: E402
 from tools.imagenet.models import build_model  # noqa: E402
 from tools.imagenet.step import SGD_KERNELS, eager_step, sgd  # noqa: E402
@@ -85,8 +85,7 @@ def main(argv=None):
     p.add_argument("--sgd-kernel", default="fused", choices=SGD_KERNELS,
                    help="SGD update as tools.train's --sgd-kernel (default fused)")
     p.add_argument("--no-infer", action="store_true", help="time the train step only")
-    p.add_argument("--cuda-connections", type=int, default=CUDA_CONNECTIONS, help="the GPU's hardware "
-                   "work queues, as tools.train's --cuda-connections (default 32; 0: the driver's 8)")
+    add_cuda_connections_flag(p)
     args = p.parse_args(argv)
     cuda_connections(args.cuda_connections)
     world = int(os.environ.get("WORLD_SIZE", 1))

@@ -48,7 +48,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bench_loader as bl  # noqa: E402
 from tools.imagenet import gpu_data as gd  # noqa: E402
-from tools.imagenet.distributed import CUDA_CONNECTIONS, cuda_connections  # noqa: E402
+from tools.imagenet.distributed import add_cuda_connections_flag, cuda_connections  # noqa: E402
 from tools.imagenet.nvjpeg import OUTPUTS, TURNS, NvjpegDecoder  # noqa: E402
 
 
@@ -181,9 +181,7 @@ def main():
                    "training uses), yuv (planar, chroma subsampled as in the JPEG), rgbi (interleaved); "
                    "each row runs once per value, the crop rows with rgb only. Asks whether the call "
                    "waits for a colour conversion kernel on the SMs")
-    p.add_argument("--cuda-connections", type=int, default=CUDA_CONNECTIONS, help="hardware work queues "
-                   "of the GPU (CUDA_DEVICE_MAX_CONNECTIONS), as tools.train --cuda-connections (0: the "
-                   "driver's 8, with which the decode call waits behind the step's kernels: phase 21)")
+    add_cuda_connections_flag(p)
     p.add_argument("--call-images", default="256", help="comma list: images per decode call (each row runs "
                    "once per value). Asks whether the call's wait for the SMs is per call or per image")
     args = p.parse_args()

@@ -168,11 +168,14 @@ def test_cuda_connections_are_32_unless_the_environment_or_0_says_otherwise():
         train.parse_args(["--shards", "s", "--out", "o", "--cuda-connections", "33"])
 
 
-def test_train_sets_the_cuda_connections_before_it_first_touches_the_gpu(monkeypatch):
-    """CUDA reads CUDA_DEVICE_MAX_CONNECTIONS when it makes the process's context: tools.train sets it
-    before setup() (the first CUDA call), and only for a GPU run."""
+@pytest.mark.parametrize("tool,argv", [("train", ["--shards", "s", "--out", "o"]),
+                                       ("evaluate", ["--shards", "s", "--run-dir", "r"])])
+def test_train_and_evaluate_set_the_cuda_connections_before_they_first_touch_the_gpu(monkeypatch, tool, argv):
+    """CUDA reads CUDA_DEVICE_MAX_CONNECTIONS when it makes the process's context: the tools set it
+    before setup() (their first CUDA call), and only for a GPU run."""
+    import importlib
     import os
-    from tools import train
+    module = importlib.import_module(f"tools.{tool}")
     for name in ("CUDA_DEVICE_MAX_CONNECTIONS", "NCCL_PROTO"):  # restored after the test
         monkeypatch.setenv(name, "unset")
         monkeypatch.delenv(name)
@@ -185,11 +188,11 @@ def test_train_sets_the_cuda_connections_before_it_first_touches_the_gpu(monkeyp
         seen.append((device, os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS")))
         raise Stop
 
-    monkeypatch.setattr(train, "setup", setup)
+    monkeypatch.setattr(module, "setup", setup)
     for flags in ([], ["--cuda-connections", "16"]):
         with pytest.raises(Stop):
-            train.main(["--shards", "s", "--out", "o", "--device", "cuda", *flags])
+            module.main([*argv, "--device", "cuda", *flags])
         monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS")
     with pytest.raises(Stop):
-        train.main(["--shards", "s", "--out", "o", "--device", "cpu"])
+        module.main([*argv, "--device", "cpu"])
     assert seen == [("cuda", "32"), ("cuda", "16"), ("cpu", None)]

@@ -28,7 +28,8 @@ import torch.distributed as dist
 from tools.imagenet import checkpoint as ckpt_io
 from tools.imagenet import fsutil
 from tools.imagenet.classes import class_name
-from tools.imagenet.distributed import AMP_DTYPES, amp_dtype, setup, work_stream
+from tools.imagenet.distributed import (AMP_DTYPES, add_cuda_connections_flag, amp_dtype, cuda_connections, setup,
+                                        work_stream)
 from tools.imagenet.evaluation import evaluate, most_confused
 from tools.imagenet.gpu_data import GPU_DECODERS
 from tools.imagenet.loader import read_manifest, resolve_decode, val_loader
@@ -63,6 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--amp", choices=sorted(AMP_DTYPES), default="none",
                    help="autocast dtype for the forward pass (default: none, full fp32)")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format (faster on GPUs)")
+    add_cuda_connections_flag(p)
     p.add_argument("--top-confused", type=int, default=20,
                    help="how many of the most confused class pairs eval.json lists (default: 20)")
     p.add_argument("--output", type=Path,
@@ -136,6 +138,8 @@ def summary(doc, worst=5):
 
 
 def run(args):
+    if args.device != "cpu":
+        cuda_connections(args.cuda_connections)
     rank, world, device = setup(args.device)
     with work_stream(device):
         return run_on(args, rank, world, device)

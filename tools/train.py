@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from tools.imagenet import checkpoint as ckpt
 from tools.imagenet.autotune import cudnn_searches, search_quietly, synthetic_step_rate
-from tools.imagenet.distributed import (AUTO_FREE_SMS, CUDA_CONNECTIONS, NCCL_PROTOCOLS, all_reduce,
+from tools.imagenet.distributed import (AUTO_FREE_SMS, NCCL_PROTOCOLS, add_cuda_connections_flag, all_reduce,
                                         cuda_connections, nccl_protocol, setup, work_stream)
 from tools.imagenet.distributed import amp_dtype as autocast_dtype
 from tools.imagenet import fsutil, nvjpeg
@@ -189,11 +189,7 @@ def parse_args(argv=None):
       "protocol of the gradient all-reduces (NCCL_PROTO; an NCCL_PROTO in the environment wins): "
       "Simple, the bulk protocol, kept 2 x H200 runs fed by the GPU data path fast where NCCL's "
       "own choice (auto) was 15 %% slower in most runs (bench/NOTES-gpu.md phase 9)")
-    a("--cuda-connections", type=int, default=CUDA_CONNECTIONS, help="GPUs: hardware work queues "
-      "the process's CUDA streams share (CUDA_DEVICE_MAX_CONNECTIONS, 1-32; 0: the driver's own, 8; "
-      "one in the environment wins). A kernel waits behind all work queued before it on its queue: "
-      "with 8, nvJPEG's small per-image kernels wait behind the step's; 32 made the GPU data path "
-      "train at 22.1k/39.3k img/s on 1/2 x H200 against 19.4k/30.1k (bench/NOTES-gpu.md phase 21)")
+    add_cuda_connections_flag(p)
     a("--bucket-mb", type=float, default=25.0, help="--parallel ddp: gradient bucket size in "
       "MB (one all-reduce per bucket, overlapped with the backward)")
     a("--grad-allreduce", default="fp32", choices=["fp32", "bf16"], help="--parallel ddp: "
@@ -226,8 +222,6 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.gil_switch_ms < 0:
         p.error("--gil-switch-ms must be 0 (Python's own) or more")
-    if not 0 <= args.cuda_connections <= 32:
-        p.error("--cuda-connections must be 1 to 32, or 0 (the driver's own)")
     if args.step_alone < 0:
         p.error("--step-alone must be 0 (off) or a number of steps")
     if args.cuda_graphs:

@@ -1,5 +1,6 @@
 """The torchrun environment, shared by train and evaluate: one process per GPU (NCCL), or CPU
 processes (gloo) where there is no GPU."""
+import argparse
 import contextlib
 import os
 
@@ -46,6 +47,25 @@ def nccl_protocol(proto, environ=os.environ):
 # against 19.4k and 30.1k with 8 (medians of 3 and 5 runs on 2 x H200 hosts, bench/NOTES-gpu.md
 # phase 21).
 CUDA_CONNECTIONS = 32
+
+
+def _connection_count(text):
+    count = int(text)
+    if not 0 <= count <= 32:
+        raise argparse.ArgumentTypeError(f"{count}: give 1 to 32, or 0 for the driver's own (8)")
+    return count
+
+
+def add_cuda_connections_flag(parser):
+    """--cuda-connections, for every tool and bench that runs on a GPU (then call cuda_connections
+    with its value before the first CUDA call)."""
+    parser.add_argument("--cuda-connections", type=_connection_count, default=CUDA_CONNECTIONS,
+                        help="GPUs: hardware work queues the process's CUDA streams share "
+                        "(CUDA_DEVICE_MAX_CONNECTIONS, 1-32; 0: the driver's own, 8; one in the "
+                        "environment wins). Work waits behind all work queued before it on its "
+                        "queue: with 8, nvJPEG's small per-image kernels wait behind the model's; "
+                        "32 made AlexNet-BN fed by the GPU data path train at 22.1k/39.3k img/s on "
+                        "1/2 x H200 against 19.4k/30.1k (bench/NOTES-gpu.md phase 21)")
 
 
 def cuda_connections(count, environ=os.environ):
