@@ -64,6 +64,14 @@ def test_members_without_a_key_or_named_as_metadata_are_skipped_as_webdataset_sk
     _same(ours, _webdataset(path))
     assert [(s["__key__"], sorted(k for k in s if not k.startswith("__"))) for s in ours] == [
         ("dir/k1", ["cls", "jpg"]), ("k2", ["cls", "seg.png"])]
+    twice = tmp_path / "twice.tar"
+    with tarfile.open(twice, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name in ("k1.jpg", "k1.jpg"):
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"j"))
+    with pytest.raises(ValueError, match=rf"{twice}: k1.jpg is in the shard twice"):
+        list(shard_samples(twice))
 
 
 def test_a_damaged_or_cut_shard_is_refused_naming_it_and_where(tmp_path):

@@ -3,6 +3,7 @@ processes (gloo) where there is no GPU."""
 import argparse
 import contextlib
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -78,7 +79,7 @@ def cuda_connections(count, environ=os.environ):
     if count and "CUDA_DEVICE_MAX_CONNECTIONS" not in environ:
         if environ is os.environ and torch.cuda.is_initialized():
             print(f"warning: CUDA is already initialised, CUDA_DEVICE_MAX_CONNECTIONS={count} "
-                  "would not take effect; left unset", flush=True)
+                  "would not take effect; left unset", file=sys.stderr, flush=True)
             return 0
         environ["CUDA_DEVICE_MAX_CONNECTIONS"] = str(count)
     return int(environ.get("CUDA_DEVICE_MAX_CONNECTIONS", 0))

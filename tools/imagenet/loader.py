@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
 from tools.imagenet import preprocess
 from tools.imagenet.image import to_8bit
 from tools.imagenet.tar_reader import shard_samples

@@ -33,9 +33,9 @@ def _octal(field):
 
 
 def plain_members(data, path):
-    """[(name, start, size)] of the tar in `data` (bytes or a read-only mmap), or None where a member is not a plain
-    ustar regular file. Raises ValueError naming `path` where a header's checksum is wrong or the
-    archive ends early."""
+    """[(name, start, size)] of the tar in `data` (bytes or a read-only mmap), or None where a
+    member is not a plain ustar regular file. Raises ValueError naming `path` where a header's
+    checksum is wrong or the archive ends early."""
     members, pos, end = [], 0, len(data)
     while True:
         if pos + BLOCK > end:
@@ -62,7 +62,7 @@ def plain_members(data, path):
         pos = start + size + (-size % BLOCK)
 
 
-def _grouped(members):
+def _grouped(members, path):
     """[(key, {suffix: (start, size)})] in archive order, as WebDataset's group_by_keys groups."""
     samples = []
     for name, start, size in members:
@@ -75,7 +75,7 @@ def _grouped(members):
             samples.append((key, {}))
         parts = samples[-1][1]
         if suffix in parts:
-            raise ValueError(f"{name}: duplicate file name in the tar file")
+            raise ValueError(f"{path}: {name} is in the shard twice; rerun the shard stage")
         parts[suffix] = (start, size)
     return samples
 
@@ -92,7 +92,7 @@ def shard_samples(path, stride=1, offset=0):
             members = plain_members(data, path)
             if members is not None:
                 url = str(path)
-                for key, parts in _grouped(members)[offset::stride]:
+                for key, parts in _grouped(members, path)[offset::stride]:
                     sample = {"__key__": key, "__url__": url}
                     for suffix, (start, size) in parts.items():
                         sample[suffix] = data[start:start + size]
