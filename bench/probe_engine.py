@@ -157,6 +157,14 @@ def gpu_load():
 LOADS = {"gil": gil_load, "gpu": gpu_load}
 
 
+def comma_list(parser, flag, text, allowed):
+    """The names in `text` (comma-separated), each one of `allowed`, else the parser's error."""
+    names = [x for x in text.split(",") if x]
+    if not set(names) <= set(allowed):
+        parser.error(f"{flag} {text}: give some of {', '.join(allowed)}")
+    return names
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--images", type=int, default=5120)
@@ -189,23 +197,16 @@ def main():
     call_images = [int(n) for n in args.call_images.split(",")]
     if min(call_images) < 1 or max(call_images) > args.images:
         p.error(f"--call-images: give numbers from 1 to --images ({args.images})")
-    outputs = args.outputs.split(",")
-    if not set(outputs) <= set(OUTPUTS):
-        p.error(f"--outputs {args.outputs}: give some of {', '.join(OUTPUTS)}")
-    if not set(args.turns.split(",")) <= set(TURNS):
-        p.error(f"--turns {args.turns}: give some of {', '.join(TURNS)}")
-    loads = [x for x in args.loads.split(",") if x]
-    if not set(loads) <= set(LOADS):
-        p.error(f"--loads {args.loads}: give {' and/or '.join(LOADS)}")
+    outputs = comma_list(p, "--outputs", args.outputs, OUTPUTS)
+    all_turns = comma_list(p, "--turns", args.turns, TURNS)
+    loads = comma_list(p, "--loads", args.loads, LOADS)
     all_states = [int(n) for n in args.states.split(",")]
     if min(all_states) < 1:
         p.error("--states: give numbers of at least 1")
     switch_ms = [float(v) for v in args.switch_ms.split(",") if v] or [sys.getswitchinterval() * 1000]
     if min(switch_ms) <= 0:
         p.error("--switch-ms: give milliseconds above 0")
-    kinds = args.steps.split(",")
-    if not set(kinds) <= {"eager", "graph"}:
-        p.error(f"--steps {args.steps}: give eager, graph or both")
+    kinds = comma_list(p, "--steps", args.steps, ("eager", "graph"))
     if args.step_sms:
         from tools.imagenet.sm_partition import partitioned_stream
         stream, got, total = partitioned_stream("cuda", args.step_sms)
@@ -228,7 +229,6 @@ def main():
         rows.append((name, *result))
         print(name, result, flush=True)
     beside = [int(t) for t in args.threads.split(",")]
-    all_turns = args.turns.split(",")
     load_calls = {name: LOADS[name]() for name in loads}
     for kind in kinds:  # each step, then each load, alone once
         row(f"{step_name(kind)} alone", 0.0, run(batches, 0, args.seconds, step=lambda: steps[kind](x, y))[1], {})
