@@ -117,7 +117,7 @@ def parse_args(argv=None):
       "raw batch's JPEG bytes into pinned memory, where the engine decoder reads them in place; by "
       "default the decoder copies them in its own thread (experimental: frees the decode threads, "
       "which limit a DDP rank's data path, of a copy per batch; bench/NOTES-gpu.md phase 19)")
-    a("--engine-turn", default="lock", choices=["lock", "native"], help="--decode gpu, engine "
+    a("--engine-turn", default="lock", choices=nvjpeg.PROCESS_TURNS, help="--decode gpu, engine "
       "decoder: how a process's decode threads take their turns at nvJPEG's decode call (one at a "
       "time: two at once hang). lock: a Python lock, which the thread back from the call keeps "
       "until it has the GIL again; native: a mutex taken and given up inside the call's own native "

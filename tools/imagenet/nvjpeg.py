@@ -69,14 +69,15 @@ PARTS = ("probe", "copy", "setup", "lock", "decode", "after")
 # back from the call keeps the turn until it has the GIL again), a mutex taken and given up in the
 # same native call as the decode (tools.imagenet.engine_turn, experimental), or none (probes only)
 TURNS = ("lock", "native", "free")
+PROCESS_TURNS = TURNS[:2]  # the kinds a process's decoders can be set to take (use_turn)
 _PROCESS_TURN = ["lock"]  # what decoders made without a turn of their own take (use_turn)
 
 
 def use_turn(kind):
-    """Makes `kind` (TURNS: lock or native) the turn this process's decoders take from now on
+    """Makes `kind` (PROCESS_TURNS: lock or native) the turn this process's decoders take from now on
     (tools.train --engine-turn); a process's decoders must all take the same kind. Returns the
     kind it replaces."""
-    if kind not in TURNS[:2]:
+    if kind not in PROCESS_TURNS:
         raise ValueError(f"engine turn {kind!r}: give lock or native")
     before, _PROCESS_TURN[0] = _PROCESS_TURN[0], kind
     return before
